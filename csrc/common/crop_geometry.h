@@ -1,0 +1,142 @@
+// Sampling geometry shared by crop_and_resize and deformable_crop_and_resize, on CPU and CUDA.
+//
+// Convention (TensorFlow's tf.image.crop_and_resize, expressed in feature-map pixels):
+//   * a box (x1, y1, x2, y2) in input pixels maps to feature coordinates X = x * scale - offset,
+//     offset = 0.5 when `aligned` (pixel centres at half-integers, as detectron2's ROIAlignV2),
+//     else 0 (TensorFlow's corner-aligned convention);
+//   * S > 1 samples along an axis lie on the box edges, evenly spaced: Y1 + i (Y2 - Y1) / (S - 1);
+//     a single sample lies at the box centre; a flipped box (Y1 > Y2) gives a flipped crop;
+//   * a sample outside [0, H - 1] x [0, W - 1] reads 0 (no clamping, no partial blend); inside,
+//     bilinear interpolation between floor(y) and floor(y) + 1, where a corner beyond the last
+//     row/column contributes 0. This matches F.grid_sample(align_corners=True, zeros padding)
+//     masked to in-range samples, which is the Python reference the tests compare against.
+//   * deformable: the S x S sample lattice is split into G x G groups of (S/G) x (S/G) samples
+//     (the "sub-boxes"); group (gi, gj) is shifted by gamma * offsets[:, :, gi, gj] * (box_w,
+//     box_h). With zero offsets this is exactly the plain crop.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MASKLAB_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MASKLAB_HOST_DEVICE inline
+#endif
+
+namespace masklab {
+
+// Position of sample `index` of `count` along one axis of a box spanning [start, end].
+template <typename T>
+MASKLAB_HOST_DEVICE T sample_coordinate(T start, T end, int64_t index, int64_t count) {
+  if (count > 1) {
+    return start + (end - start) * static_cast<T>(index) / static_cast<T>(count - 1);
+  }
+  return static_cast<T>(0.5) * (start + end);
+}
+
+// One box, in feature coordinates, with its optional per-group offsets.
+template <typename T>
+struct BoxGeometry {
+  int64_t batch_index;
+  T y_start, y_end, x_start, x_end;
+  // Row-major [2, grid, grid] offsets of this box (channel 0 = x, 1 = y), or nullptr.
+  const T* offsets;
+  int64_t grid;
+  T gamma;
+
+  // boxes_row: [batch_index, x1, y1, x2, y2] in input pixels.
+  MASKLAB_HOST_DEVICE BoxGeometry(
+      const T* boxes_row,
+      T spatial_scale,
+      bool aligned,
+      const T* box_offsets,
+      int64_t offset_grid,
+      T offset_gamma)
+      : offsets(box_offsets), grid(offset_grid), gamma(offset_gamma) {
+    const T pixel_offset = aligned ? static_cast<T>(0.5) : static_cast<T>(0);
+    batch_index = static_cast<int64_t>(boxes_row[0]);
+    x_start = boxes_row[1] * spatial_scale - pixel_offset;
+    y_start = boxes_row[2] * spatial_scale - pixel_offset;
+    x_end = boxes_row[3] * spatial_scale - pixel_offset;
+    y_end = boxes_row[4] * spatial_scale - pixel_offset;
+  }
+
+  // Sample (i, j) of an out_h x out_w lattice, in feature coordinates.
+  MASKLAB_HOST_DEVICE void position(
+      int64_t i, int64_t j, int64_t out_h, int64_t out_w, T& y, T& x) const {
+    y = sample_coordinate(y_start, y_end, i, out_h);
+    x = sample_coordinate(x_start, x_end, j, out_w);
+    if (offsets != nullptr) {
+      const int64_t group_i = i / (out_h / grid);
+      const int64_t group_j = j / (out_w / grid);
+      const int64_t cell = group_i * grid + group_j;
+      x += gamma * offsets[cell] * (x_end - x_start);
+      y += gamma * offsets[grid * grid + cell] * (y_end - y_start);
+    }
+  }
+};
+
+// Bilinear read of one sample: four flat indices into an H x W plane and their weights. Corners
+// outside the plane get weight 0 and index 0, so the weighted sums need no branches.
+template <typename T>
+struct BilinearSample {
+  int64_t index[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
+  T weight[4];
+  bool present[4];
+  T ly, lx;  // fractional parts, for position gradients
+  bool inside;
+
+  MASKLAB_HOST_DEVICE void setup(T y, T x, int64_t height, int64_t width) {
+    // The negated comparison also rejects NaN positions.
+    inside = !(y < 0 || y > static_cast<T>(height - 1) || x < 0 || x > static_cast<T>(width - 1));
+    if (!inside) {
+      for (int q = 0; q < 4; ++q) {
+        index[q] = 0;
+        weight[q] = 0;
+        present[q] = false;
+      }
+      ly = lx = 0;
+      return;
+    }
+    const int64_t y0 = static_cast<int64_t>(floor(y));
+    const int64_t x0 = static_cast<int64_t>(floor(x));
+    ly = y - static_cast<T>(y0);
+    lx = x - static_cast<T>(x0);
+    const T hy = static_cast<T>(1) - ly;
+    const T hx = static_cast<T>(1) - lx;
+    present[0] = true;
+    present[1] = x0 + 1 < width;
+    present[2] = y0 + 1 < height;
+    present[3] = present[1] && present[2];
+    const int64_t base = y0 * width + x0;
+    const int64_t corner_index[4] = {base, base + 1, base + width, base + width + 1};
+    const T corner_weight[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+    for (int q = 0; q < 4; ++q) {
+      index[q] = present[q] ? corner_index[q] : 0;
+      weight[q] = present[q] ? corner_weight[q] : static_cast<T>(0);
+    }
+  }
+
+  // Corner values, with corners outside the plane read as 0.
+  template <typename scalar_t>
+  MASKLAB_HOST_DEVICE void corners(const scalar_t* plane, T values[4]) const {
+    for (int q = 0; q < 4; ++q) {
+      values[q] = present[q] ? static_cast<T>(plane[index[q]]) : static_cast<T>(0);
+    }
+  }
+
+  // d(value)/dy and d(value)/dx given the four corner values.
+  MASKLAB_HOST_DEVICE void position_gradient(const T values[4], T& dvalue_dy, T& dvalue_dx) const {
+    if (!inside) {
+      dvalue_dy = dvalue_dx = 0;
+      return;
+    }
+    const T hy = static_cast<T>(1) - ly;
+    const T hx = static_cast<T>(1) - lx;
+    dvalue_dy = hx * (values[2] - values[0]) + lx * (values[3] - values[1]);
+    dvalue_dx = hy * (values[1] - values[0]) + ly * (values[3] - values[2]);
+  }
+};
+
+}  // namespace masklab

@@ -1,0 +1,52 @@
+// Device-agnostic pieces shared by the crop ops: argument checks, and the chain rule from
+// per-sample position gradients to box and offset gradients (plain ATen, so CPU and CUDA share it).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <tuple>
+
+namespace masklab {
+
+// Everything that describes one crop call besides its tensors.
+struct SamplingSpec {
+  double spatial_scale;
+  int64_t out_h;
+  int64_t out_w;
+  double gamma;  // only used with offsets
+  bool aligned;
+};
+
+// Shape, dtype and device checks. `offsets` is undefined for the plain op.
+void check_sampling_inputs(
+    const char* op_name,
+    const at::Tensor& features,
+    const at::Tensor& boxes,
+    const at::Tensor& offsets,
+    int64_t out_h,
+    int64_t out_w);
+
+// Data checks that need the box values (one host sync on CUDA): finite coordinates, integral
+// batch indices in [0, N), finite offsets.
+void check_box_values(
+    const char* op_name,
+    const at::Tensor& boxes,
+    const at::Tensor& offsets,
+    int64_t batch_size);
+
+// The dtype positions are computed in: fp32 for half/bf16 features, else the feature dtype.
+inline at::ScalarType opmath_dtype(const at::Tensor& features) {
+  return at::toOpMathType(features.scalar_type());
+}
+
+// grad_positions: [K, out_h, out_w, 2] (d loss / d y, d loss / d x) in feature coordinates.
+// Returns (grad_boxes [K, 5], grad_offsets [K, 2, G, G]); grad_offsets is undefined when
+// `offsets` is. Both are in the dtype of grad_positions.
+std::tuple<at::Tensor, at::Tensor> position_gradients_to_box_and_offsets(
+    const at::Tensor& grad_positions,
+    const at::Tensor& boxes,
+    const at::Tensor& offsets,
+    const SamplingSpec& spec);
+
+}  // namespace masklab

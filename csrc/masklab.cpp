@@ -1,0 +1,39 @@
+// Operator schemas of the masklab library (torch.ops.masklab.*) and the Python module that loads
+// them. Device kernels register themselves in each op folder's _cpu.cpp / _cuda.cu; fake (meta)
+// kernels and autograd formulas are registered from Python in masklab_d2/layers/_ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(masklab, m) {
+  m.def(
+      "crop_and_resize(Tensor features, Tensor boxes, float spatial_scale, SymInt crop_height, "
+      "SymInt crop_width, bool aligned=False) -> Tensor");
+  m.def(
+      "_crop_and_resize_backward(Tensor grad, Tensor features, Tensor boxes, "
+      "float spatial_scale, bool aligned, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "deformable_crop_and_resize(Tensor features, Tensor boxes, Tensor offsets, "
+      "float spatial_scale, SymInt output_height, SymInt output_width, float gamma=0.1, "
+      "bool aligned=False) -> Tensor");
+  m.def(
+      "_deformable_crop_and_resize_backward(Tensor grad, Tensor features, Tensor boxes, "
+      "Tensor offsets, float spatial_scale, float gamma, bool aligned, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+bool compiled_with_cuda() {
+#if defined(WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "masklab_d2 compiled ops; use them through masklab_d2.layers or torch.ops.masklab";
+  m.def("compiled_with_cuda", &compiled_with_cuda, "Whether the CUDA kernels were built.");
+}
