@@ -1,0 +1,100 @@
+"""Config keys added by masklab_d2 (call `add_masklab_config(cfg)` before `merge_from_file`)."""
+from detectron2.config import CfgNode as CN
+
+
+def add_masklab_config(cfg: CN) -> None:
+    """Adds every masklab_d2 key, each with its default, to a detectron2 config in place."""
+    _C = cfg
+
+    # ---------------------------------------------------------------------------------------
+    # Partially supervised data
+    # ---------------------------------------------------------------------------------------
+    # Classes whose masks train the mask branch: "all", a class group of the training dataset
+    # (e.g. "voc" / "nonvoc", see README), or comma-separated class names. The other classes keep
+    # their boxes (RPN and box head train on them) but never reach a mask loss. Evaluation
+    # reports mask AP on these classes ("seen") and on the rest ("unseen").
+    _C.DATASETS.MASK_TRAIN_CLASSES = "all"
+
+    # ---------------------------------------------------------------------------------------
+    # Solver
+    # ---------------------------------------------------------------------------------------
+    # "SGD" (detectron2's, with SOLVER.MOMENTUM / NESTEROV) or "ADAMW" (betas from SOLVER.BETAS).
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # AdamW's (beta1, beta2).
+    _C.SOLVER.BETAS = (0.9, 0.999)
+
+    # ---------------------------------------------------------------------------------------
+    # Head-only training
+    # ---------------------------------------------------------------------------------------
+    # Freeze everything but the mask branch (backbone, RPN and box branch, BatchNorm statistics
+    # included) after loading MODEL.WEIGHTS, so head ablations share one trained detector.
+    _C.MODEL.FREEZE_DETECTOR = False
+
+    # ---------------------------------------------------------------------------------------
+    # ROI heads (masklab_d2's PartialROIHeads, used by every head config)
+    # ---------------------------------------------------------------------------------------
+    # Train the mask branch on the ground-truth boxes, each ground-truth instance that has a mask
+    # exactly once, instead of on foreground proposals (Deep-MARC's crop-to-ground-truth;
+    # MaskLab trains this way). Inference always uses the predicted boxes.
+    _C.MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES = False
+    # Feature maps the mask branch reads; empty means MODEL.ROI_HEADS.IN_FEATURES.
+    _C.MODEL.ROI_MASK_HEAD.IN_FEATURES = []
+    # With ROI_BOX_HEAD.POOLER_TYPE "DeformableCropAndResize": sub-boxes per side (G, divides
+    # POOLER_RESOLUTION; MaskLab: 14x14 crops in 7x7 sub-boxes of 2x2 samples).
+    _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_GRID = 7
+    # Offset scale: a sub-box moves by gamma * offset * (box width, box height).
+    _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_GAMMA = 0.1
+    # Hidden width of the offset MLP (C*R*R -> hidden -> 2*G*G, last layer zero-initialised).
+    _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_HIDDEN_DIM = 256
+
+    # ---------------------------------------------------------------------------------------
+    # Backbones (build_masklab_resnet_backbone / build_masklab_resnet_fpn_backbone)
+    # ---------------------------------------------------------------------------------------
+    # Dilation of res4 (1 or 2); 2 keeps res4 at stride 8 (MaskLab's output stride 8).
+    _C.MODEL.RESNETS.RES4_DILATION = 1
+    # Per-block multipliers of RES5_DILATION in res5 (multi-grid); empty means all 1.
+    _C.MODEL.RESNETS.RES5_MULTI_GRID = []
+    # Bottom-up features ("conv1", "res2", ...) the FPN backbone also returns unchanged.
+    _C.MODEL.FPN.HYPERCOLUMN_FEATURES = []
+
+    # ---------------------------------------------------------------------------------------
+    # Deep-MARC heads (HourglassMaskHead, ResNetMaskHead): RoIAlign crops of
+    # ROI_MASK_HEAD.POOLER_RESOLUTION (32 in the paper) -> mask network -> 2x2 stride-2
+    # deconv + norm + ReLU -> 1x1 conv: masks of twice the crop size (64).
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.DEEP_MARC = CN()
+    # Mask network: hourglass10/20/32/52/100 (HourglassMaskHead) or resnet4/8/12/16/20
+    # (ResNetMaskHead, the paper's head-depth baselines).
+    _C.MODEL.DEEP_MARC.NETWORK = "hourglass52"
+    # Base width nc (64 in the paper; stage widths are multiples of it).
+    _C.MODEL.DEEP_MARC.NUM_FILTERS = 64
+    # Norm of the mask network and deconv: "BN", "SyncBN", "GN" or "" (none).
+    _C.MODEL.DEEP_MARC.NORM = "BN"
+
+    # ---------------------------------------------------------------------------------------
+    # BlendMask head (BlendMaskHead): bases from FPN levels, per-ROI attentions, blender.
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.BLENDMASK = CN()
+    # Number of bases K.
+    _C.MODEL.BLENDMASK.NUM_BASES = 4
+    # Attention size M (each ROI predicts K x M x M attentions).
+    _C.MODEL.BLENDMASK.ATTN_SIZE = 14
+    # Blender output resolution R (bases are RoIAligned at R x R; masks are R x R).
+    _C.MODEL.BLENDMASK.BOTTOM_RESOLUTION = 56
+    # Upsampling of attentions from M to R: "bilinear" or "nearest".
+    _C.MODEL.BLENDMASK.TOP_INTERP = "bilinear"
+    # FPN levels fused by the bottom module (at the first one's resolution, output at stride 4).
+    _C.MODEL.BLENDMASK.BOTTOM_IN_FEATURES = ["p3", "p4", "p5"]
+    # Channels of the bottom module's convs.
+    _C.MODEL.BLENDMASK.BOTTOM_CONV_DIM = 128
+    # 3x3 convs in the bottom module's tower (before its x2 upsampling).
+    _C.MODEL.BLENDMASK.BOTTOM_NUM_CONVS = 3
+    # Norm of the bottom module: "BN", "SyncBN", "GN" or "" (BN works on one device and CPU).
+    _C.MODEL.BLENDMASK.NORM = "BN"
+    # 3x3 convs of the top (attention) network on the RoIAligned box features.
+    _C.MODEL.BLENDMASK.ATTN_NUM_CONVS = 2
+    # Channels of the attention network's convs.
+    _C.MODEL.BLENDMASK.ATTN_CONV_DIM = 128
+    # Weight of the auxiliary per-pixel semantic loss on the bottom module (AdelaiDet: 0.3);
+    # pixels of classes without masks are ignored. 0 disables it.
+    _C.MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT = 0.3

@@ -1,0 +1,8 @@
+"""Evaluation: COCO box and mask AP with mask AP on seen / unseen / named class groups."""
+from masklab_d2.utils.detectron2 import require_detectron2
+
+require_detectron2("masklab_d2.evaluation")
+
+from .partial_coco import PartialCOCOEvaluator, evaluate_on_categories  # noqa: E402
+
+__all__ = ["PartialCOCOEvaluator", "evaluate_on_categories"]

@@ -1,0 +1,14 @@
+"""detectron2 adapters: backbones, poolers, the ROI heads and the registered mask heads.
+
+Importing this package registers everything with detectron2's registries.
+"""
+from masklab_d2.utils.detectron2 import require_detectron2
+
+require_detectron2("masklab_d2.modeling")
+
+from . import backbone as _backbone  # noqa: E402,F401  (registration)
+from .freeze import freeze_detector  # noqa: E402
+from .poolers import build_roi_pooler  # noqa: E402
+from .roi_heads import PartialROIHeads  # noqa: E402
+
+__all__ = ["PartialROIHeads", "build_roi_pooler", "freeze_detector"]

@@ -1,0 +1,232 @@
+"""The ResNet and ResNet-FPN backbones of this project.
+
+detectron2's `build_resnet_backbone` fixes R-18/34 at 64 res2 channels and allows res5 dilation 1
+or 2 only. These builders add what the mask-head experiments need, and nothing head-specific:
+
+* any width for basic-block ResNets (`RESNETS.STEM_OUT_CHANNELS` / `RES2_OUT_CHANNELS`), so the
+  shapes configs can train a slim R-18 from scratch on 2 CPU cores;
+* atrous convolution for output stride 8 (`RESNETS.RES4_DILATION: 2`, `RES5_DILATION: 4`) with
+  DeepLab-style multi-grid rates in res5 (`RESNETS.RES5_MULTI_GRID`), as in MaskLab;
+* the first convolution's output ("conv1", stride 2, before the max-pool) as a feature, for
+  MaskLab's hypercolumn refinement, and bottom-up features passed through the FPN
+  (`FPN.HYPERCOLUMN_FEATURES`).
+
+With none of those options set, the networks (and their parameter names) are detectron2's.
+"""
+from typing import Dict, List, Sequence
+
+import torch.nn.functional as F
+from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
+from fvcore.nn import weight_init
+
+
+class DilatedBasicBlock(CNNBlockBase):
+    """detectron2's BasicBlock (two 3x3 convs) with a dilation for atrous ResNet-18/34."""
+
+    def __init__(self, in_channels, out_channels, *, stride=1, dilation=1, norm="BN"):
+        super().__init__(in_channels, out_channels, stride)
+        if in_channels != out_channels:
+            self.shortcut = Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size=1,
+                stride=stride,
+                bias=False,
+                norm=get_norm(norm, out_channels),
+            )
+        else:
+            self.shortcut = None
+        self.conv1 = Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size=3,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            bias=False,
+            norm=get_norm(norm, out_channels),
+        )
+        self.conv2 = Conv2d(
+            out_channels,
+            out_channels,
+            kernel_size=3,
+            stride=1,
+            padding=dilation,
+            dilation=dilation,
+            bias=False,
+            norm=get_norm(norm, out_channels),
+        )
+        for layer in [self.conv1, self.conv2, self.shortcut]:
+            if layer is not None:
+                weight_init.c2_msra_fill(layer)
+
+    def forward(self, x):
+        out = F.relu_(self.conv1(x))
+        out = self.conv2(out)
+        shortcut = self.shortcut(x) if self.shortcut is not None else x
+        return F.relu_(out + shortcut)
+
+
+class HypercolumnResNet(ResNet):
+    """A ResNet that can also return "conv1", the stem convolution before its max-pool.
+
+    MaskLab's refinement reads "conv1" (stride 2) and "res2" (stride 4); detectron2's "stem"
+    output is already max-pooled to stride 4.
+    """
+
+    def __init__(self, stem: BasicStem, stages, out_features: Sequence[str], freeze_at: int = 0):
+        stage_features = [f for f in out_features if f != "conv1"] or ["stem"]
+        super().__init__(stem, stages, out_features=stage_features, freeze_at=freeze_at)
+        if "conv1" in out_features:
+            self._out_features = list(out_features)
+            self._out_feature_strides["conv1"] = stem.stride // 2
+            self._out_feature_channels["conv1"] = stem.out_channels
+
+    def forward(self, x) -> Dict[str, "torch.Tensor"]:  # noqa: F821
+        outputs = {}
+        x = F.relu_(self.stem.conv1(x))
+        if "conv1" in self._out_features:
+            outputs["conv1"] = x
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        if "stem" in self._out_features:
+            outputs["stem"] = x
+        for name, stage in zip(self.stage_names, self.stages):
+            x = stage(x)
+            if name in self._out_features:
+                outputs[name] = x
+        return outputs
+
+
+def _stage_dilations(cfg) -> List[List[int]]:
+    """Per-block dilation of res2..res5."""
+    depth = cfg.MODEL.RESNETS.DEPTH
+    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+    if depth not in blocks:
+        raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(blocks)}, got {depth}")
+    num_blocks = blocks[depth]
+    res4_dilation = cfg.MODEL.RESNETS.RES4_DILATION
+    res5_dilation = cfg.MODEL.RESNETS.RES5_DILATION
+    multi_grid = list(cfg.MODEL.RESNETS.RES5_MULTI_GRID) or [1] * num_blocks[3]
+    if res4_dilation not in (1, 2):
+        raise ValueError(f"MODEL.RESNETS.RES4_DILATION must be 1 or 2, got {res4_dilation}")
+    if res5_dilation not in (1, 2, 4):
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1, 2 or 4, got {res5_dilation}")
+    if res4_dilation == 2 and res5_dilation == 1:
+        raise ValueError("RES4_DILATION=2 needs RES5_DILATION>=2: res5 cannot downsample after it")
+    if len(multi_grid) != num_blocks[3]:
+        raise ValueError(
+            f"MODEL.RESNETS.RES5_MULTI_GRID needs one rate per res5 block ({num_blocks[3]} for "
+            f"R-{depth}), got {multi_grid}"
+        )
+    return [
+        [1] * num_blocks[0],
+        [1] * num_blocks[1],
+        [res4_dilation] * num_blocks[2],
+        [res5_dilation * rate for rate in multi_grid],
+    ]
+
+
+def build_hypercolumn_resnet(cfg, input_shape: ShapeSpec, out_features: Sequence[str]):
+    """A :class:`HypercolumnResNet` from cfg.MODEL.RESNETS (see the module docstring)."""
+    # fmt: off
+    norm                = cfg.MODEL.RESNETS.NORM
+    depth               = cfg.MODEL.RESNETS.DEPTH
+    num_groups          = cfg.MODEL.RESNETS.NUM_GROUPS
+    bottleneck_channels = num_groups * cfg.MODEL.RESNETS.WIDTH_PER_GROUP
+    in_channels         = cfg.MODEL.RESNETS.STEM_OUT_CHANNELS
+    out_channels        = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
+    stride_in_1x1       = cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    # fmt: on
+    if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
+        raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported by this backbone")
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=in_channels, norm=norm)
+    basic = depth in (18, 34)
+    if basic and num_groups != 1:
+        raise ValueError("R-18/34 use basic blocks: MODEL.RESNETS.NUM_GROUPS must be 1")
+    stages = []
+    for index, dilations in enumerate(_stage_dilations(cfg)):
+        # A dilated stage keeps the resolution of the previous one instead of downsampling.
+        first_stride = 1 if index == 0 or dilations[0] > 1 else 2
+        stage_kwargs = {
+            "num_blocks": len(dilations),
+            "stride_per_block": [first_stride] + [1] * (len(dilations) - 1),
+            "dilation_per_block": dilations,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "norm": norm,
+        }
+        if basic:
+            stage_kwargs["block_class"] = DilatedBasicBlock
+        else:
+            stage_kwargs.update(
+                block_class=BottleneckBlock,
+                bottleneck_channels=bottleneck_channels,
+                stride_in_1x1=stride_in_1x1,
+                num_groups=num_groups,
+            )
+            bottleneck_channels *= 2
+        stages.append(ResNet.make_stage(**stage_kwargs))
+        in_channels = out_channels
+        out_channels *= 2
+    return HypercolumnResNet(stem, stages, out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+@BACKBONE_REGISTRY.register()
+def build_masklab_resnet_backbone(cfg, input_shape: ShapeSpec):
+    """ResNet (C4-style, optionally atrous) whose outputs are MODEL.RESNETS.OUT_FEATURES."""
+    return build_hypercolumn_resnet(cfg, input_shape, cfg.MODEL.RESNETS.OUT_FEATURES)
+
+
+class HypercolumnFPN(FPN):
+    """An FPN that also returns some bottom-up features ("conv1", "res2", ...) unchanged."""
+
+    def __init__(self, *args, hypercolumn_features: Sequence[str] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        bottom_up_shapes = self.bottom_up.output_shape()
+        missing = [f for f in hypercolumn_features if f not in bottom_up_shapes]
+        if missing:
+            raise ValueError(
+                f"FPN.HYPERCOLUMN_FEATURES {missing} are not bottom-up features "
+                f"(available: {sorted(bottom_up_shapes)})"
+            )
+        self._hypercolumn_shapes = {f: bottom_up_shapes[f] for f in hypercolumn_features}
+
+    def forward(self, x):
+        if not self._hypercolumn_shapes:
+            return super().forward(x)
+        # FPN.forward keeps the bottom-up outputs to itself; catch them on the way.
+        bottom_up_outputs = {}
+        handle = self.bottom_up.register_forward_hook(
+            lambda module, inputs, outputs: bottom_up_outputs.update(outputs)
+        )
+        try:
+            results = super().forward(x)
+        finally:
+            handle.remove()
+        results.update({f: bottom_up_outputs[f] for f in self._hypercolumn_shapes})
+        return results
+
+    def output_shape(self):
+        return {**super().output_shape(), **self._hypercolumn_shapes}
+
+
+@BACKBONE_REGISTRY.register()
+def build_masklab_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """ResNet-FPN (P2-P6) over :func:`build_hypercolumn_resnet`, plus FPN.HYPERCOLUMN_FEATURES."""
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
+    hypercolumn = list(cfg.MODEL.FPN.HYPERCOLUMN_FEATURES)
+    bottom_up = build_hypercolumn_resnet(
+        cfg, input_shape, in_features + [f for f in hypercolumn if f not in in_features]
+    )
+    return HypercolumnFPN(
+        bottom_up=bottom_up,
+        in_features=in_features,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        hypercolumn_features=hypercolumn,
+    )

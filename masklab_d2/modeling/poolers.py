@@ -1,0 +1,97 @@
+"""ROI poolers by name: detectron2's types plus "CropAndResize" and "DeformableCropAndResize".
+
+Both new types reuse detectron2's `ROIPooler` (its FPN level assignment and batching) with the
+per-level poolers swapped for masklab_d2's crop ops, so they plug into any head that takes pooled
+features. "DeformableCropAndResize" learns sub-box offsets (MaskLab's deformable crop and resize);
+one offset network is shared by all feature levels, as the box head is.
+"""
+from typing import Dict, Sequence
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.poolers import ROIPooler
+from torch import nn
+
+from masklab_d2.layers import CropAndResize
+from masklab_d2.layers.deformable_pooling import DeformableCropAndResizePool, SubBoxOffsetNet
+
+CROP_POOLER_TYPES = ("CropAndResize", "DeformableCropAndResize")
+
+
+class CropAndResizePooler(ROIPooler):
+    """ROIPooler whose level poolers are TensorFlow-style crop_and_resize (half-pixel aligned).
+
+    NOTE: ``sampling_ratio`` does not apply: crop_and_resize takes one sample per output pixel.
+    """
+
+    def __init__(self, output_size: int, scales: Sequence[float], **kwargs):
+        super().__init__(output_size, scales, sampling_ratio=0, pooler_type="ROIAlignV2", **kwargs)
+        self.level_poolers = nn.ModuleList(
+            CropAndResize(output_size, spatial_scale=scale, aligned=True) for scale in scales
+        )
+
+
+class DeformableCropAndResizePooler(ROIPooler):
+    """ROIPooler whose level poolers are :class:`DeformableCropAndResizePool` with a shared
+    offset network.
+
+    Attributes:
+        offset_net: the shared :class:`SubBoxOffsetNet`.
+    """
+
+    def __init__(
+        self,
+        output_size: int,
+        scales: Sequence[float],
+        in_channels: int,
+        grid: int,
+        gamma: float = 0.1,
+        hidden_dim: int = 256,
+        **kwargs,
+    ):
+        super().__init__(output_size, scales, sampling_ratio=0, pooler_type="ROIAlignV2", **kwargs)
+        self.offset_net = SubBoxOffsetNet(in_channels, output_size, grid, hidden_dim)
+        self.level_poolers = nn.ModuleList(
+            DeformableCropAndResizePool(output_size, scale, self.offset_net, gamma=gamma)
+            for scale in scales
+        )
+
+
+def build_roi_pooler(head_cfg, input_shape: Dict[str, ShapeSpec], in_features: Sequence[str]):
+    """The pooler named by ``head_cfg.POOLER_TYPE`` over ``in_features``.
+
+    Args:
+        head_cfg: cfg.MODEL.ROI_BOX_HEAD or cfg.MODEL.ROI_MASK_HEAD.
+        input_shape: backbone output shapes.
+        in_features: the feature maps to pool from.
+
+    Returns:
+        (pooler, ShapeSpec of the pooled features).
+    """
+    resolution = head_cfg.POOLER_RESOLUTION
+    scales = tuple(1.0 / input_shape[f].stride for f in in_features)
+    channels = {input_shape[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ValueError(f"pooled features {list(in_features)} must share a channel count, got {channels}")
+    in_channels = channels.pop()
+    pooler_type = head_cfg.POOLER_TYPE
+    if pooler_type == "CropAndResize":
+        pooler = CropAndResizePooler(resolution, scales)
+    elif pooler_type == "DeformableCropAndResize":
+        if "DEFORMABLE_GRID" not in head_cfg:
+            raise ValueError("POOLER_TYPE 'DeformableCropAndResize' is available for the box head only")
+        pooler = DeformableCropAndResizePooler(
+            resolution,
+            scales,
+            in_channels=in_channels,
+            grid=head_cfg.DEFORMABLE_GRID,
+            gamma=head_cfg.DEFORMABLE_GAMMA,
+            hidden_dim=head_cfg.DEFORMABLE_HIDDEN_DIM,
+        )
+    else:  # detectron2's own types; ROIPooler raises on unknown names
+        pooler = ROIPooler(
+            output_size=resolution,
+            scales=scales,
+            sampling_ratio=head_cfg.POOLER_SAMPLING_RATIO,
+            pooler_type=pooler_type,
+        )
+    return pooler, ShapeSpec(channels=in_channels, height=resolution, width=resolution)
