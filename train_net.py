@@ -30,6 +30,7 @@ from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser,
 from detectron2.evaluation import verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from masklab_d2.config import add_masklab_config
 from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, register_coco_partial
@@ -50,6 +51,9 @@ class CheckpointOnInterrupt(HookBase):
             return
         if comm.is_main_process():
             logger.warning(f"Training stopped early; saving a checkpoint at iteration {last_completed}")
+            # The trainer's state (its iteration) goes into the checkpoint, and --resume starts
+            # after it: record the last iteration known to be complete.
+            trainer.iter = last_completed
             trainer.checkpointer.save(f"model_{last_completed:07d}", iteration=last_completed)
 
 
@@ -138,6 +142,7 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="masklab_d2")
     return cfg
 
 

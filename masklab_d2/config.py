@@ -46,6 +46,10 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_GAMMA = 0.1
     # Hidden width of the offset MLP (C*R*R -> hidden -> 2*G*G, last layer zero-initialised).
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_HIDDEN_DIM = 256
+    # Res5BoxHead (MaskLab's box classifier, a duplicated res5): atrous rate of each block.
+    _C.MODEL.ROI_BOX_HEAD.RES5_RATES = [1, 2, 4]
+    # Res5BoxHead: 2x2 max-pool the crops before res5 (14x14 -> 7x7, as TF's Faster R-CNN).
+    _C.MODEL.ROI_BOX_HEAD.RES5_POOL_FIRST = True
 
     # ---------------------------------------------------------------------------------------
     # Backbones (build_masklab_resnet_backbone / build_masklab_resnet_fpn_backbone)
@@ -98,3 +102,44 @@ def add_masklab_config(cfg: CN) -> None:
     # Weight of the auxiliary per-pixel semantic loss on the bottom module (AdelaiDet: 0.3);
     # pixels of classes without masks are ignored. 0 disables it.
     _C.MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT = 0.3
+
+    # ---------------------------------------------------------------------------------------
+    # MaskLab head (MaskLabHead). See masklab_d2/layers/masklab.py for the open choices.
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.MASKLAB = CN()
+    # Maps the semantic / direction branch reads: FPN levels (merged) or ["res5"] (C4).
+    _C.MODEL.MASKLAB.DENSE_IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # Stride of the semantic and direction logits.
+    _C.MODEL.MASKLAB.COMMON_STRIDE = 4
+    # Width of the FPN merge convs; 0 = none, the 1x1 logit convs read the single input map.
+    _C.MODEL.MASKLAB.DENSE_CONV_DIM = 128
+    # Norm of the merge convs: "BN", "SyncBN", "GN", "" (none).
+    _C.MODEL.MASKLAB.DENSE_NORM = "GN"
+    # Use the cropped semantic channel of the box's class.
+    _C.MODEL.MASKLAB.USE_SEMANTIC = True
+    # Use the assembled direction crop.
+    _C.MODEL.MASKLAB.USE_DIRECTION = True
+    # Directions D (360 degrees in D equal sectors, the first starting at 0 degrees).
+    _C.MODEL.MASKLAB.NUM_DIRECTIONS = 8
+    # Distance bins B per direction (direction logits have D * B channels).
+    _C.MODEL.MASKLAB.NUM_DISTANCE_BINS = 4
+    # Normalised distance of the bins: "box" (max(|u|, |v|), box-shaped rings) or "ellipse".
+    _C.MODEL.MASKLAB.DISTANCE_METRIC = "box"
+    # Centre of the dense direction targets: "box" (as pooling uses) or "mask" (centroid).
+    _C.MODEL.MASKLAB.DIRECTION_CENTER = "box"
+    # Crop size S of semantic, direction and hypercolumn crops (= mask resolution; paper: 41).
+    _C.MODEL.MASKLAB.CROP_SIZE = 41
+    # Features cropped for the refinement (paper: conv1 and res2); empty = no refinement.
+    _C.MODEL.MASKLAB.HYPERCOLUMN_FEATURES = ["conv1", "res2"]
+    # Refinement convs (paper: three 5x5 convs with 64 filters).
+    _C.MODEL.MASKLAB.REFINE_NUM_CONVS = 3
+    # Width of the refinement convs.
+    _C.MODEL.MASKLAB.REFINE_CONV_DIM = 64
+    # Kernel size of the refinement convs.
+    _C.MODEL.MASKLAB.REFINE_KERNEL_SIZE = 5
+    # Weight of the coarse mask's sigmoid BCE (the refined mask's is 1).
+    _C.MODEL.MASKLAB.COARSE_LOSS_WEIGHT = 1.0
+    # Weight of an auxiliary per-pixel semantic loss on the dense logits (0 = off; see README).
+    _C.MODEL.MASKLAB.SEMANTIC_LOSS_WEIGHT = 0.0
+    # Weight of an auxiliary per-pixel direction loss on the dense logits (0 = off; see README).
+    _C.MODEL.MASKLAB.DIRECTION_LOSS_WEIGHT = 0.0

@@ -31,7 +31,10 @@ worker processes or their order. Data live in ``<root>/<GENERATOR_VERSION>/<spli
 split on first use, safely when several processes ask for it at once.
 
 Example:
-    python -m masklab_d2.data.shapes --split val --vis 8 --out /tmp/shapes_vis
+    Generate the val split in the default root (if needed) and write side-by-side PNGs
+    (image | annotations) of its first 8 images::
+
+        python -m masklab_d2.data.shapes --split val --vis 8 --out /tmp/shapes_vis
 """
 
 import argparse
@@ -299,15 +302,9 @@ def _draw_clutter(rng, canvas):
 
     for _ in range(count(10)):
         ends = np.round(rng.uniform(-0.1, 1.1, (2, 2)) * image_size).astype(int)
+        start, end = (tuple(int(value) for value in point) for point in ends)
         thickness = int(rng.integers(1, 4))
-        cv2.line(
-            canvas,
-            tuple(map(int, ends[0])),
-            tuple(map(int, ends[1])),
-            colour(),
-            thickness,
-            cv2.LINE_AA,
-        )
+        cv2.line(canvas, start, end, colour(), thickness, cv2.LINE_AA)
     steps = np.linspace(0, 1, 32)[:, None]
     for _ in range(count(5)):
         start, bend, end = rng.uniform(-0.1, 1.1, (3, 2)) * image_size
@@ -501,11 +498,6 @@ def _render_image(seed, index, image_size):
 # ----------------------------------------------------------------------------- dataset I/O
 
 
-def _init_worker():
-    # One OpenCV thread per worker process: the pool already uses every core.
-    cv2.setNumThreads(1)
-
-
 def _render_and_save(task):
     images_dir, seed, index, image_size = task
     image, annotations = _render_image(seed, index, image_size)
@@ -548,7 +540,11 @@ def generate_split(out_dir, num_images, seed, image_size=256, num_workers=None):
         results = [_render_and_save(task) for task in tasks]
     else:
         chunk_size = max(1, num_images // (num_workers * 8))
-        with multiprocessing.Pool(num_workers, initializer=_init_worker) as pool:
+        # fork on every Python version: workers inherit this module instead of re-importing it by
+        # name (the masklab_d2.data package needs detectron2; tests load this file on its own).
+        # Workers must not call cv2.setNumThreads: in a forked child of a process whose OpenCV
+        # thread pool is running, it waits forever for the parent's threads.
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
             results = pool.map(_render_and_save, tasks, chunksize=chunk_size)
 
     images, annotations = [], []
@@ -687,7 +683,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="val", choices=sorted(SPLITS))
     parser.add_argument("--root", default=None, help="cache root (default: default_root())")
-    parser.add_argument("--vis", type=int, default=0, help="visualise the first N images")
+    parser.add_argument(
+        "--vis", type=int, default=0, help="write [image | annotations] PNGs of the first N images"
+    )
     parser.add_argument("--out", default=None, help="folder for the visualisations")
     parser.add_argument("--generate-only", action="store_true", help="only generate the split")
     args = parser.parse_args(argv)

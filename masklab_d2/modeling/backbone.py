@@ -129,48 +129,57 @@ def _stage_dilations(cfg) -> List[List[int]]:
     ]
 
 
+def build_resnet_stage(cfg, stage_index: int, dilations: Sequence[int], first_stride: int):
+    """Blocks of stage res{stage_index + 2} with the widths of cfg.MODEL.RESNETS.
+
+    Shared by the backbones and by :class:`~masklab_d2.modeling.box_heads.Res5BoxHead`, whose
+    box classifier is a duplicate of res5.
+    """
+    # fmt: off
+    norm            = cfg.MODEL.RESNETS.NORM
+    depth           = cfg.MODEL.RESNETS.DEPTH
+    num_groups      = cfg.MODEL.RESNETS.NUM_GROUPS
+    width_per_group = cfg.MODEL.RESNETS.WIDTH_PER_GROUP
+    stem_channels   = cfg.MODEL.RESNETS.STEM_OUT_CHANNELS
+    res2_channels   = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
+    # fmt: on
+    out_channels = res2_channels * 2**stage_index
+    kwargs = {
+        "num_blocks": len(dilations),
+        "stride_per_block": [first_stride] + [1] * (len(dilations) - 1),
+        "dilation_per_block": list(dilations),
+        "in_channels": stem_channels if stage_index == 0 else out_channels // 2,
+        "out_channels": out_channels,
+        "norm": norm,
+    }
+    if depth in (18, 34):
+        if num_groups != 1:
+            raise ValueError("R-18/34 use basic blocks: MODEL.RESNETS.NUM_GROUPS must be 1")
+        kwargs["block_class"] = DilatedBasicBlock
+    else:
+        kwargs.update(
+            block_class=BottleneckBlock,
+            bottleneck_channels=num_groups * width_per_group * 2**stage_index,
+            stride_in_1x1=cfg.MODEL.RESNETS.STRIDE_IN_1X1,
+            num_groups=num_groups,
+        )
+    return ResNet.make_stage(**kwargs)
+
+
 def build_hypercolumn_resnet(cfg, input_shape: ShapeSpec, out_features: Sequence[str]):
     """A :class:`HypercolumnResNet` from cfg.MODEL.RESNETS (see the module docstring)."""
-    # fmt: off
-    norm                = cfg.MODEL.RESNETS.NORM
-    depth               = cfg.MODEL.RESNETS.DEPTH
-    num_groups          = cfg.MODEL.RESNETS.NUM_GROUPS
-    bottleneck_channels = num_groups * cfg.MODEL.RESNETS.WIDTH_PER_GROUP
-    in_channels         = cfg.MODEL.RESNETS.STEM_OUT_CHANNELS
-    out_channels        = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
-    stride_in_1x1       = cfg.MODEL.RESNETS.STRIDE_IN_1X1
-    # fmt: on
     if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
         raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported by this backbone")
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=in_channels, norm=norm)
-    basic = depth in (18, 34)
-    if basic and num_groups != 1:
-        raise ValueError("R-18/34 use basic blocks: MODEL.RESNETS.NUM_GROUPS must be 1")
+    stem = BasicStem(
+        in_channels=input_shape.channels,
+        out_channels=cfg.MODEL.RESNETS.STEM_OUT_CHANNELS,
+        norm=cfg.MODEL.RESNETS.NORM,
+    )
     stages = []
     for index, dilations in enumerate(_stage_dilations(cfg)):
         # A dilated stage keeps the resolution of the previous one instead of downsampling.
         first_stride = 1 if index == 0 or dilations[0] > 1 else 2
-        stage_kwargs = {
-            "num_blocks": len(dilations),
-            "stride_per_block": [first_stride] + [1] * (len(dilations) - 1),
-            "dilation_per_block": dilations,
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "norm": norm,
-        }
-        if basic:
-            stage_kwargs["block_class"] = DilatedBasicBlock
-        else:
-            stage_kwargs.update(
-                block_class=BottleneckBlock,
-                bottleneck_channels=bottleneck_channels,
-                stride_in_1x1=stride_in_1x1,
-                num_groups=num_groups,
-            )
-            bottleneck_channels *= 2
-        stages.append(ResNet.make_stage(**stage_kwargs))
-        in_channels = out_channels
-        out_channels *= 2
+        stages.append(build_resnet_stage(cfg, index, dilations, first_stride))
     return HypercolumnResNet(stem, stages, out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 

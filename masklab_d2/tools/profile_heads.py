@@ -1,0 +1,468 @@
+"""Cost of the mask heads of detectron2 configs: parameters, FLOPs, latency and peak memory.
+
+    python -m masklab_d2.tools.profile_heads --config-file A.yaml B.yaml ... \
+        [--detections 10 50 100] [--device cpu cuda] [--repeat 5] [--warmup 2] \
+        [--markdown out.md] [--opts KEY VALUE ...]
+
+Each config's mask head is built through detectron2 from the YAML (``build_model``, random
+weights, ``MODEL.WEIGHTS`` ignored) and run in eval mode, as at inference, on one 256x256 image
+(``--image-size``) with D random detections (``pred_boxes``, ``pred_classes``, ``scores``):
+
+* heads with a pooler (``ROI_MASK_HEAD.POOLER_TYPE`` non-empty: Mask R-CNN, Deep-MARC) run alone
+  on random pooled features [D, C, R, R]; the pooler is not part of the cost;
+* heads without one (``POOLER_TYPE: ""``: MaskLab, BlendMask) run on a dict of random feature
+  maps shaped like the backbone's outputs for that image (``ROI_MASK_HEAD.IN_FEATURES``, else
+  ``ROI_HEADS.IN_FEATURES``), so whatever cropping they do is part of their cost.
+
+A config entry may carry overrides for that entry alone, ``PATH@KEY=VALUE[@KEY=VALUE...]``
+(e.g. ``deep_marc_R_50_FPN_hg52_1x.yaml@MODEL.DEEP_MARC.NETWORK=hourglass20``); ``--opts``
+apply to every entry.
+
+Columns:
+
+* params: parameters of the mask head module (the pooler has none).
+* GFLOPs: fvcore's ``FlopCountAnalysis`` of one forward pass, in its convention: one fused
+  multiply-add counts as one FLOP (so these are GMACs); convolutions, matmuls, norms and
+  interpolation are counted, element-wise ops (ReLU, sigmoid, additions) are not. Added handles:
+  ``masklab::crop_and_resize`` and ``masklab::deformable_crop_and_resize`` count bilinear sampling
+  as 4 multiply-adds per output element per channel (as fvcore counts ``aten::grid_sampler``),
+  ``torchvision::roi_align`` the same per sampling point (``sampling_ratio``^2 points per bin; an
+  adaptive ratio of 0 is counted as 1 point, a lower bound).
+* ms: latency per image, the median of ``--repeat`` timed runs after ``--warmup`` runs, under
+  ``torch.no_grad()``; CUDA runs are synchronised.
+* peak MB: extra memory while the head runs with the largest D. CUDA:
+  ``torch.cuda.max_memory_allocated`` minus the memory allocated before the run. CPU: increase of
+  the process's peak resident set size (Linux ``VmHWM``, reset to the current RSS through
+  ``/proc/self/clear_refs`` after ``malloc_trim`` returned freed heap memory to the system), so it
+  includes allocator and oneDNN scratch memory; ``tracemalloc`` is not used because it does not
+  see tensor allocations. Where ``clear_refs`` cannot be written the fallback is the increase of
+  ``resource.getrusage().ru_maxrss``, which stays 0 unless the run sets a new process peak; such
+  values are marked with ">=".
+
+Latencies depend on the machine and its load: compare rows from one run, and say how many
+threads were used (``OMP_NUM_THREADS`` / ``torch.get_num_threads()``, printed with the table).
+"""
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("masklab_d2.tools.profile_heads")
+
+DEFAULT_DETECTIONS = (10, 50, 100)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the head and its inputs
+# ------------------------------------------------------------------------------------------------
+def split_config_entry(entry: str) -> Tuple[str, List[str]]:
+    """``PATH@KEY=VALUE@...`` -> (PATH, [KEY, VALUE, ...])."""
+    path, *overrides = entry.split("@")
+    opts = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"config override {override!r} in {entry!r} is not KEY=VALUE")
+        opts += [key, value]
+    return path, opts
+
+
+def load_config(config_file: str, opts: Sequence[str], device: str):
+    """The detectron2 config of ``config_file`` with masklab_d2's keys and ``opts``."""
+    from detectron2.config import get_cfg
+
+    from masklab_d2.config import add_masklab_config
+
+    cfg = get_cfg()
+    add_masklab_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.MASK_ON = True
+    return cfg
+
+
+class MaskBranch:
+    """A config's mask head with what it needs to run alone.
+
+    Attributes:
+        head: the mask head module (eval mode).
+        in_features: names of the feature maps the branch reads.
+        feature_shapes: backbone ShapeSpec per feature name.
+        pooled_shape: (C, H, W) of the pooled features, or None for a head without pooler.
+        num_classes: ROI_HEADS.NUM_CLASSES (for random pred_classes).
+    """
+
+    def __init__(self, cfg):
+        from detectron2.modeling import build_model
+
+        import masklab_d2.modeling  # noqa: F401  (registration)
+
+        model = build_model(cfg)
+        roi_heads = model.roi_heads
+        if not getattr(roi_heads, "mask_on", False):
+            raise ValueError("the config's ROI heads have no mask branch")
+        self.head = roi_heads.mask_head.eval()
+        self.in_features = list(roi_heads.mask_in_features)
+        self.feature_shapes = model.backbone.output_shape()
+        pooler = roi_heads.mask_pooler
+        if pooler is not None:
+            channels = self.feature_shapes[self.in_features[0]].channels
+            self.pooled_shape = (channels, *pooler.output_size)
+        else:
+            self.pooled_shape = None
+        self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        self.name = cfg.MODEL.ROI_MASK_HEAD.NAME
+        del model  # only the head is kept
+
+    @property
+    def input_description(self) -> str:
+        if self.pooled_shape is not None:
+            return "RoIs {}x{}x{}".format(*self.pooled_shape)
+        return "features " + ",".join(self.in_features)
+
+    def random_inputs(
+        self, num_detections: int, image_size: int, device: str, seed: int = 0
+    ) -> Tuple[object, Dict[str, torch.Tensor]]:
+        """(head input, instance fields) for one image with ``num_detections`` random boxes."""
+        generator = torch.Generator().manual_seed(seed)
+        if self.pooled_shape is not None:
+            x = torch.randn(num_detections, *self.pooled_shape, generator=generator).to(device)
+        else:
+            x = {}
+            for name in self.in_features:
+                spec = self.feature_shapes[name]
+                side = -(-image_size // spec.stride)  # ceil: a padded image's feature size
+                x[name] = torch.randn(1, spec.channels, side, side, generator=generator).to(device)
+        xy = torch.rand(num_detections, 2, generator=generator) * image_size * 0.7
+        wh = torch.rand(num_detections, 2, generator=generator) * image_size * 0.45 + 8
+        boxes = torch.cat([xy, (xy + wh).clamp(max=image_size)], dim=1)
+        fields = {
+            "pred_boxes": boxes.to(device),
+            "pred_classes": torch.randint(
+                self.num_classes, (num_detections,), generator=generator
+            ).to(device),
+            "scores": torch.rand(num_detections, generator=generator).to(device),
+        }
+        return x, fields
+
+
+def make_instances(fields: Dict[str, torch.Tensor], image_size: int):
+    """Fresh detectron2 Instances (the head writes pred_masks into them)."""
+    from detectron2.structures import Boxes, Instances
+
+    instances = Instances((image_size, image_size))
+    instances.pred_boxes = Boxes(fields["pred_boxes"])
+    instances.pred_classes = fields["pred_classes"]
+    instances.scores = fields["scores"]
+    return instances
+
+
+class _TracedHead(nn.Module):
+    """Wraps head(x, [instances]) as a module of tensors only, for fvcore's jit tracing."""
+
+    def __init__(self, head: nn.Module, keys: Optional[List[str]], fields, image_size: int):
+        super().__init__()
+        self.head = head
+        self.keys = keys
+        self.fields = fields
+        self.image_size = image_size
+
+    def forward(self, *tensors):
+        x = dict(zip(self.keys, tensors)) if self.keys is not None else tensors[0]
+        out = self.head(x, [make_instances(self.fields, self.image_size)])
+        return out[0].pred_masks
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+# ------------------------------------------------------------------------------------------------
+def _bilinear_handle(inputs, outputs) -> float:
+    """4 multiply-adds per output element (per channel) of a bilinear crop op."""
+    from fvcore.nn.jit_handles import get_shape
+
+    numel = 1
+    for dim in get_shape(outputs[0]):
+        numel *= dim
+    return 4 * numel
+
+
+def _roi_align_handle(inputs, outputs) -> float:
+    """torchvision::roi_align: 4 multiply-adds per sampling point; ratio 0 counted as 1 point."""
+    sampling_ratio = inputs[5].toIValue() if len(inputs) > 5 else None
+    points = sampling_ratio**2 if isinstance(sampling_ratio, int) and sampling_ratio > 0 else 1
+    return _bilinear_handle(inputs, outputs) * points
+
+
+EXTRA_FLOP_HANDLES = {
+    "masklab::crop_and_resize": _bilinear_handle,
+    "masklab::deformable_crop_and_resize": _bilinear_handle,
+    "torchvision::roi_align": _roi_align_handle,
+}
+
+
+def count_flops(branch: MaskBranch, x, fields, image_size: int) -> Tuple[float, List[str]]:
+    """(FLOPs of one forward in fvcore's convention, op names fvcore did not count)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    if isinstance(x, dict):
+        keys, tensors = list(x), tuple(x.values())
+    else:
+        keys, tensors = None, (x,)
+    module = _TracedHead(branch.head, keys, fields, image_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(module, tensors)
+        analysis.set_op_handle(**EXTRA_FLOP_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        total = analysis.total()
+        unsupported = sorted(analysis.unsupported_ops())
+    return float(total), unsupported
+
+
+# ------------------------------------------------------------------------------------------------
+# Latency and memory
+# ------------------------------------------------------------------------------------------------
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: str, repeat: int, warmup: int) -> float:
+    """Median wall time of fn() in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeat)):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak_rss() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> Tuple[float, bool]:
+    """(extra peak memory of fn() in MB, exact) -- see the module docstring."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, True
+    _malloc_trim()
+    if _reset_peak_rss():
+        before = _status_kib("VmRSS")
+        fn()
+        return max(0, _status_kib("VmHWM") - before) / 1024, True
+    before = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _status_kib("VmRSS") or 0)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return max(0, after - before) / 1024, False
+
+
+# ------------------------------------------------------------------------------------------------
+# Profiling and the table
+# ------------------------------------------------------------------------------------------------
+def profile_config(
+    entry: str,
+    opts: Sequence[str],
+    detections: Sequence[int],
+    devices: Sequence[str],
+    repeat: int,
+    warmup: int,
+    image_size: int,
+    seed: int = 0,
+) -> List[Dict[str, object]]:
+    """One row per device for the config entry ``PATH[@KEY=VALUE...]``."""
+    path, entry_opts = split_config_entry(entry)
+    rows = []
+    flops: Dict[int, float] = {}
+    unsupported: List[str] = []
+    for device in devices:
+        cfg = load_config(path, list(opts) + entry_opts, device)
+        torch.manual_seed(seed)
+        branch = MaskBranch(cfg)
+        head = branch.head.to(device)
+        row = {
+            "config": " ".join([_short_path(path)] + entry.split("@")[1:]),
+            "head": _head_description(branch, cfg),
+            "input": branch.input_description,
+            "params": sum(p.numel() for p in head.parameters()),
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "ms": {},
+        }
+        for num in detections:
+            x, fields = branch.random_inputs(num, image_size, device, seed)
+            if num not in flops:
+                cpu_x, cpu_fields = branch.random_inputs(num, image_size, "cpu", seed)
+                head.to("cpu")
+                flops[num], missing = count_flops(branch, cpu_x, cpu_fields, image_size)
+                unsupported = sorted(set(unsupported) | set(missing))
+                head.to(device)
+
+            def run(x=x, fields=fields):
+                with torch.no_grad():
+                    return head(x, [make_instances(fields, image_size)])
+
+            row["ms"][num] = median_ms(run, device, repeat, warmup)
+            if num == max(detections):
+                row["peak_mb"], row["peak_exact"] = peak_memory_mb(run, device)
+        row["gflops"] = {num: flops[num] / 1e9 for num in detections}
+        row["not_counted"] = unsupported
+        rows.append(row)
+        del branch, head
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _short_path(path: str) -> str:
+    """``configs/a/b.yaml`` -> ``a/b.yaml``."""
+    parts = os.path.normpath(path).split(os.sep)
+    return "/".join(parts[-2:])
+
+
+def _head_description(branch: MaskBranch, cfg) -> str:
+    head = branch.head
+    if hasattr(head, "network_name"):  # Deep-MARC heads
+        return f"{branch.name} ({head.network_name}, nc={cfg.MODEL.DEEP_MARC.NUM_FILTERS})"
+    if branch.name == "MaskRCNNConvUpsampleHead":
+        return f"{branch.name} ({cfg.MODEL.ROI_MASK_HEAD.NUM_CONV} conv)"
+    return branch.name
+
+
+def markdown_table(rows: List[Dict[str, object]], detections: Sequence[int]) -> str:
+    """The rows as a Markdown table (one line per config and device)."""
+    largest = max(detections)
+    header = ["config", "head", "input", "device", "params (M)"]
+    header += [f"GFLOPs @{d}" for d in detections]
+    header += [f"ms @{d}" for d in detections]
+    header += [f"peak MB @{largest}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [
+            row["config"],
+            row["head"],
+            row["input"],
+            f"{row['device']} ({row['threads']} thr)" if row["device"] == "cpu" else row["device"],
+            f"{row['params'] / 1e6:.3f}",
+        ]
+        cells += [f"{row['gflops'][d]:.2f}" for d in detections]
+        cells += [f"{row['ms'][d]:.1f}" for d in detections]
+        cells += [("" if row["peak_exact"] else ">=") + f"{row['peak_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    not_counted = sorted({op for row in rows for op in row["not_counted"]})
+    notes = [
+        "",
+        "One image per run. GFLOPs: fvcore, one multiply-add = one FLOP. ms: median eval-mode "
+        "latency per image. peak MB: see masklab_d2/tools/profile_heads.py.",
+    ]
+    if not_counted:
+        notes.append("Ops without a FLOP count (element-wise etc.): " + ", ".join(not_counted))
+    return "\n".join(lines + notes) + "\n"
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config-file",
+        nargs="+",
+        required=True,
+        metavar="PATH[@KEY=VALUE...]",
+        help="detectron2 YAML configs, each optionally with its own overrides",
+    )
+    parser.add_argument("--detections", nargs="+", type=int, default=list(DEFAULT_DETECTIONS))
+    parser.add_argument(
+        "--device",
+        nargs="+",
+        default=None,
+        help="cpu and/or cuda (default: cpu, plus cuda when available)",
+    )
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE pairs applied to every config (last argument)",
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    args = build_argument_parser().parse_args(argv)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    for device in devices:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: no CUDA device on this machine")
+    if any(d <= 0 for d in args.detections):
+        raise SystemExit("--detections must be positive")
+    rows = []
+    for entry in args.config_file:
+        rows += profile_config(
+            entry,
+            args.opts,
+            args.detections,
+            devices,
+            args.repeat,
+            args.warmup,
+            args.image_size,
+            args.seed,
+        )
+    table = markdown_table(rows, args.detections)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

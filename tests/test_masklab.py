@@ -1,0 +1,289 @@
+"""MaskLab: direction binning and targets, direction pooling, fusion init, configs end to end."""
+import glob
+import math
+import os
+
+import pytest
+import torch
+
+from masklab_d2.layers.masklab import (
+    CoarseMaskFusion,
+    DirectionBinning,
+    dense_targets,
+    direction_pool,
+    lattice_rois,
+)
+from masklab_d2.layers import crop_and_resize
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def _disc(size, cx, cy, radius):
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    return (xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2
+
+
+def _box_of(mask):
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+
+
+def test_direction_bins_follow_angle_and_distance():
+    binning = DirectionBinning(8, 4)
+    # Directions start at 0 degrees (+x) and turn towards +y (image down), 45 degrees each.
+    for degrees, expected in [(10, 0), (50, 1), (100, 2), (170, 3), (200, 4), (260, 5), (280, 6), (350, 7)]:
+        angle = math.radians(degrees)
+        scale = 0.9 / max(abs(math.cos(angle)), abs(math.sin(angle)))  # max(|u|, |v|) = 0.9
+        u, v = torch.tensor([scale * math.cos(angle)]), torch.tensor([scale * math.sin(angle)])
+        assert binning.bins(u, v).item() == expected * 4 + 3, degrees
+    # Distance: max(|u|, |v|) in quarters; beyond the box stays in the outer bin.
+    radii = torch.tensor([0.1, 0.3, 0.6, 0.8, 1.7])
+    assert (binning.bins(radii, torch.zeros(5)) % 4).tolist() == [0, 1, 2, 3, 3]
+    ellipse = DirectionBinning(8, 4, "ellipse")
+    assert ellipse.bins(torch.tensor([0.5]), torch.tensor([0.5])).item() % 4 == 2  # r = 0.71
+    assert binning.bins(torch.tensor([0.5]), torch.tensor([0.5])).item() % 4 == 2  # max = 0.5
+    assert DirectionBinning(2, 1).num_channels == 2 and DirectionBinning(8, 4).num_channels == 32
+    with pytest.raises(ValueError):
+        DirectionBinning(8, 4, "manhattan")
+
+
+def _targets(masks, classes=None, has_mask=None, stride=1, center="box", binning=DirectionBinning(8, 4)):
+    boxes = torch.stack([_box_of(m) for m in masks])
+    n = len(masks)
+    return dense_targets(
+        torch.stack(masks),
+        boxes,
+        torch.tensor(classes if classes is not None else [0] * n),
+        torch.tensor(has_mask if has_mask is not None else [True] * n),
+        binning,
+        stride,
+        tuple(masks[0].shape[-2:]) if stride == 1 else (masks[0].shape[0] // stride, masks[0].shape[1] // stride),
+        num_classes=3,
+        center=center,
+    )
+
+
+def test_direction_targets_on_a_disc():
+    disc = _disc(40, 20, 20, 12)
+    semantic, direction = _targets([disc])
+    assert torch.equal(semantic == 0, disc) and torch.equal(semantic == 3, ~disc)
+    assert (direction[~disc] == -1).all()
+    # Right of the centre: direction 0; below: 2; left: 4; above: 6 (pixel centres at +0.5).
+    assert direction[20, 30].item() // 4 == 0 and direction[20, 30].item() % 4 == 3  # near the edge
+    assert direction[30, 18].item() // 4 == 2  # 98 degrees
+    assert direction[20, 9].item() // 4 == 3  # just above the -x axis (y = 20.5 > 20): 177 degrees
+    assert direction[19, 9].item() // 4 == 4  # just below it: 183 degrees
+    assert direction[9, 20].item() // 4 == 6
+    assert direction[20, 21].item() % 4 == 0  # at the centre: innermost distance bin
+    # All 32 channels occur on a disc.
+    assert len(torch.unique(direction[disc])) == 32
+
+
+def test_direction_targets_on_two_touching_squares():
+    left = torch.zeros(30, 40, dtype=torch.bool)
+    right = torch.zeros(30, 40, dtype=torch.bool)
+    left[5:25, 0:20] = True
+    right[5:25, 20:40] = True
+    semantic, direction = _targets([left, right], classes=[1, 1])
+    # Where the squares touch, the left square's pixels point right (0), the right's point left (4).
+    assert direction[15, 19].item() // 4 == 0 and direction[15, 20].item() // 4 == 3
+    assert direction[14, 20].item() // 4 == 4
+    assert (semantic[left | right] == 1).all()
+    # Targets use each instance's own box: the two squares have the same bin layout.
+    assert torch.equal(direction[5:25, 0:20], direction[5:25, 20:40])
+
+
+def test_direction_targets_on_a_ring_and_mask_centre():
+    ring = _disc(40, 20, 20, 15) & ~_disc(40, 20, 20, 8)
+    _, direction = _targets([ring])
+    assert (direction[20, 20] == -1) and (direction[~ring] == -1).all()  # the hole is no target
+    # Radii 8..15 in a box of half-size 15: max(|u|, |v|) >= 8 / 15 / sqrt(2) = 0.38, so the
+    # innermost bin (< 0.25) never occurs, and along the axes (>= 0.53) only the outer two.
+    assert (direction[ring] % 4).min() == 1
+    assert (direction[20, 5:13] % 4 >= 2).all()
+    # With the mask centroid as centre, a lopsided shape's bins shift towards its mass.
+    blob = torch.zeros(40, 40, dtype=torch.bool)
+    blob[10:30, 10:30] = True
+    blob[10:12, 10:40] = True  # a thin bar to the right stretches the box, not the mass
+    _, by_box = _targets([blob])
+    _, by_mask = _targets([blob], center="mask")
+    assert not torch.equal(by_box, by_mask)
+
+
+def test_dense_targets_ignore_boxes_without_masks():
+    masked = _disc(32, 10, 10, 6)
+    unmasked = _disc(32, 24, 24, 6)
+    semantic, direction = _targets([masked, unmasked], classes=[0, 2], has_mask=[True, False])
+    assert (semantic[masked] == 0).all()
+    box = _box_of(unmasked).long()
+    assert (semantic[box[1] : box[3], box[0] : box[2]] == -1).all()  # unknown, not background
+    assert (direction[unmasked] == -1).all()
+    assert (semantic[0, 31] == 3).item()  # background elsewhere
+    # At a coarser stride the targets sample cell centres.
+    semantic4, _ = _targets([masked, unmasked], classes=[0, 2], has_mask=[True, False], stride=4)
+    assert semantic4.shape == (8, 8) and semantic4[2, 2] == 0
+
+
+@pytest.mark.parametrize("num_directions,num_bins", [(8, 4), (4, 1), (2, 4)])
+def test_pooling_a_perfect_direction_map_reproduces_the_mask(num_directions, num_bins):
+    """Direction logits that are +10 on each pixel's target channel and -10 elsewhere, assembled
+    for a box, give the box's instance mask -- and exclude an overlapping neighbour."""
+    binning = DirectionBinning(num_directions, num_bins)
+    size = 64
+    first = _disc(size, 24, 30, 14)
+    second = _disc(size, 44, 34, 14) & ~first
+    _, direction = _targets([first, second], binning=binning)
+    logits = torch.full((1, binning.num_channels, size, size), -10.0)
+    labelled = direction >= 0
+    logits[0, direction[labelled], *torch.nonzero(labelled, as_tuple=True)] = 10.0
+    crop = 21
+    box = _box_of(first)
+    rois = lattice_rois(box[None], torch.zeros(1), crop)
+    pooled = direction_pool(crop_and_resize(logits, rois, 1.0, crop, aligned=True), binning.crop_template(crop))
+    target = crop_and_resize(first[None, None].float(), rois, 1.0, crop, aligned=True)[0, 0] > 0.5
+    predicted = pooled[0, 0] > 0
+    iou = (predicted & target).sum() / (predicted | target).sum()
+    assert iou > 0.85, iou
+    neighbour = crop_and_resize(second[None, None].float(), rois, 1.0, crop, aligned=True)[0, 0] > 0.5
+    if num_directions >= 4:
+        assert (predicted & neighbour).sum() <= 0.1 * neighbour.sum()
+
+
+def test_fusion_is_initialised_to_half_and_one():
+    fusion = CoarseMaskFusion()
+    assert fusion.conv.weight.flatten().tolist() == [0.5, 1.0] and fusion.conv.bias.item() == 0.0
+    assert CoarseMaskFusion(use_semantic=False).conv.weight.flatten().tolist() == [1.0]
+    assert CoarseMaskFusion(use_direction=False).conv.weight.flatten().tolist() == [0.5]
+    semantic, direction = torch.randn(3, 1, 5, 5), torch.randn(3, 1, 5, 5)
+    torch.testing.assert_close(fusion(semantic, direction), 0.5 * semantic + direction)
+    with pytest.raises(ValueError):
+        CoarseMaskFusion(False, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# detectron2 end to end
+
+MASKLAB_CONFIGS = sorted(
+    [os.path.join(CONFIGS, "shapes", f) for f in ("masklab_R_18_FPN.yaml", "masklab_R_18_C4_os8.yaml")]
+    + [os.path.join(CONFIGS, "shapes-partial", f) for f in ("masklab_R_18_FPN_gtcrop.yaml", "masklab_R_18_C4_os8_gtcrop.yaml")]
+    + glob.glob(os.path.join(CONFIGS, "shapes", "masklab-ablations", "*.yaml"))
+)
+
+
+def _d2():
+    return pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+
+
+@pytest.mark.detectron2
+@pytest.mark.parametrize("config", MASKLAB_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIGS))
+def test_shapes_config_trains_and_infers(config):
+    _d2()
+    from detectron2.data import DatasetCatalog, build_detection_train_loader
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from masklab_d2.data import PartialMaskDatasetMapper
+    from test_protocol import tiny_cfg
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(config, **{"SOLVER.IMS_PER_BATCH": 2, "DATALOADER.NUM_WORKERS": 0, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32})
+    model = build_model(cfg)
+    model.train()
+    loader = iter(build_detection_train_loader(cfg, mapper=PartialMaskDatasetMapper(cfg, is_train=True)))
+    with EventStorage():
+        for _ in range(2):
+            losses = model(next(loader))
+            assert all(torch.isfinite(v) for v in losses.values()), losses
+            sum(losses.values()).backward()
+    assert "loss_mask" in losses
+    model.eval()
+    record = DatasetCatalog.get("shapes_tiny_val")[0]
+    image = torch.rand(3, 128, 128) * 255
+    with torch.no_grad():
+        instances = model([{"image": image, "height": record["height"], "width": record["width"]}])[0]["instances"]
+    assert instances.pred_masks.shape[1:] == (record["height"], record["width"])
+
+
+@pytest.mark.detectron2
+def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
+    _d2()
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from test_protocol import _image_instances, tiny_cfg
+
+    cfg = tiny_cfg(os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml"))
+    model = build_model(cfg)
+    model.train()
+    head = model.roi_heads.mask_head
+    head.keep_intermediates = True
+    batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": _image_instances()}]
+    with EventStorage():
+        losses = model(batch)
+    sum(losses.values()).backward()
+    # Gradients reach the (zero-initialised) offset network through the deformable op.
+    offset_net = model.roi_heads.box_pooler.offset_net
+    assert offset_net.offsets.weight.grad.abs().sum() > 0
+    assert offset_net.offsets.bias.grad.abs().sum() > 0
+    pooler = model.roi_heads.box_pooler.level_poolers[0]
+    assert pooler.last_offsets.shape[1:] == (2, 7, 7)
+    for name in ("semantic_logits", "direction_logits", "semantic_crop", "pooled_direction", "coarse", "refined"):
+        assert name in head.intermediates, name
+    assert head.intermediates["direction_logits"].shape[1] == 32
+    assert head.intermediates["refined"].shape[-1] == cfg.MODEL.MASKLAB.CROP_SIZE
+
+
+@pytest.mark.detectron2
+def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
+    _d2()
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from test_protocol import _image_instances, tiny_cfg
+
+    cfg = tiny_cfg(
+        os.path.join(CONFIGS, "shapes-partial", "masklab_R_18_FPN_gtcrop.yaml"),
+        **{"MODEL.MASKLAB.SEMANTIC_LOSS_WEIGHT": 0.5, "MODEL.MASKLAB.DIRECTION_LOSS_WEIGHT": 0.5},
+    )
+    model = build_model(cfg)
+    model.train()
+    assert model.roi_heads.mask_head.uses_image_targets
+    targets = _image_instances()
+    with EventStorage():
+        losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": targets}])
+    assert losses["loss_semantic"] > 0 and losses["loss_direction"] > 0
+    targets.gt_has_mask[:] = False
+    with EventStorage():
+        losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": targets}])
+    assert losses["loss_direction"].item() == 0.0 and losses["loss_mask"].item() == 0.0
+    sum(losses.values()).backward()
+
+
+@pytest.mark.detectron2
+@pytest.mark.parametrize(
+    "config",
+    ["coco/masklab_R_50_FPN_1x.yaml", "coco/masklab_R_101_C4_os8.yaml", "coco/masklab_R_101_C4_os8_deformable.yaml",
+     "coco-voc-nonvoc/masklab_R_50_FPN_1x.yaml", "coco-voc-nonvoc/masklab_R_101_C4_os8.yaml",
+     "coco-voc-nonvoc/masklab_R_50_FPN_1x_nonvoc_to_voc.yaml"],
+)
+def test_coco_configs_build_and_train_one_step(config):
+    _d2()
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from masklab_d2.config import add_masklab_config
+    from test_protocol import _image_instances
+
+    cfg = get_cfg()
+    add_masklab_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, config))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 50
+    model = build_model(cfg)
+    model.train()
+    with EventStorage():
+        losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": _image_instances()}])
+    assert torch.isfinite(sum(losses.values()))

@@ -1,0 +1,563 @@
+"""Sweeps: expansion, naming, resume / retry logic, launchers, the report; end to end on shapes.
+
+The unit tests use fake run folders and a fake train script (no detectron2); the end-to-end
+tests (marked detectron2) train real tiny shapes models through the local launcher and through
+submitit's LocalExecutor.
+"""
+
+import csv
+import json
+import os
+import sys
+import textwrap
+import time
+
+import pytest
+from PIL import Image
+
+from masklab_d2.tools import sweep as sweep_tool
+from masklab_d2.tools.sweep import (
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    STATUS_FILE,
+    SweepError,
+    expand_runs,
+    load_sweep,
+    plan,
+    run_state,
+    safe_name,
+    slurm_parameters,
+    train_command,
+)
+from masklab_d2.tools.sweep_report import write_report
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TINY_SWEEP = os.path.join(REPO, "tests", "data", "tiny_sweep.yaml")
+MASK_RCNN = "configs/shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml"
+MASKLAB = "configs/shapes-partial/masklab_R_18_FPN_gtcrop.yaml"
+
+
+def write_sweep(tmp_path, text, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+GRID = f"""
+    base_config: {MASK_RCNN}
+    output_root: OUTPUT_ROOT
+    axes:
+      head:
+        mask_rcnn: {{config: {MASK_RCNN}}}
+        masklab: {{config: {MASKLAB}, opts: {{MODEL.MASKLAB.CROP_SIZE: 14}}}}
+      MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE: [64, 128]
+    cells:
+      - {{head: masklab, MODEL.MASKLAB.NUM_DIRECTIONS: 4}}
+      - {{name: no refine!, head: masklab, opts: {{MODEL.MASKLAB.HYPERCOLUMN_FEATURES: []}}}}
+    seeds: [0, 1]
+    opts: {{SOLVER.MAX_ITER: 10, DATASETS.TEST: ["shapes_tiny_val"]}}
+"""
+
+
+# ------------------------------------------------------------------------ expansion and names
+
+
+def test_expansion_grid_groups_cells_and_seeds(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, GRID.replace("OUTPUT_ROOT", str(tmp_path / "out"))))
+    runs = expand_runs(spec)
+    assert len(runs) == (2 * 2 + 2) * 2
+    names = [run.name for run in runs]
+    assert names[:4] == [
+        "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=0",
+        "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=1",
+        "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=128__seed=0",
+        "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=128__seed=1",
+    ]
+    assert "head=masklab__MASKLAB.NUM_DIRECTIONS=4__seed=1" in names
+    assert "no-refine__seed=0" in names  # an explicit name, made safe
+    assert len(set(names)) == len(names)
+
+    by_name = {run.name: run for run in runs}
+    run = by_name["head=masklab__ROI_HEADS.BATCH_SIZE_PER_IMAGE=128__seed=1"]
+    assert run.cell.config_file == os.path.join(REPO, MASKLAB)  # the group switched the file
+    assert run.output_dir == str(tmp_path / "out" / run.name)
+    command = train_command(spec, run)
+    assert command[:4] == [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        run.cell.config_file,
+    ]
+    tail = command[4:]
+    assert tail[:4] == ["OUTPUT_DIR", run.output_dir, "SEED", "1"]
+    # Common opts first, then the axes in axis order (the group's own opts with it).
+    assert tail[4:] == [
+        "SOLVER.MAX_ITER", "10", "DATASETS.TEST", "['shapes_tiny_val']",
+        "MODEL.MASKLAB.CROP_SIZE", "14", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128",
+    ]  # fmt: skip
+    no_refine = by_name["no-refine__seed=0"]
+    assert no_refine.cell.overrides[-2:] == ("MODEL.MASKLAB.HYPERCOLUMN_FEATURES", "[]")
+    assert dict(no_refine.cell.values) == {
+        "head": "masklab",
+        "MASKLAB.HYPERCOLUMN_FEATURES": "none",
+    }
+    assert "--resume" in train_command(spec, run, resume=True)
+
+
+def test_names_are_stable_safe_and_unique(tmp_path):
+    text = """
+        base_config: {config}
+        axes:
+          MODEL.PIXEL_MEAN: [[103.5, 116.3, 123.7], [0, 0, 0]]
+          OUTPUT_TAG: ["a/b", "a b", "a:b"]
+          MODEL.WEIGHTS: ["{long}"]
+        seeds: 1
+    """.format(config=MASK_RCNN, long="x" * 300)
+    path = write_sweep(tmp_path, text)
+    first = [run.name for run in expand_runs(load_sweep(path))]
+    second = [run.name for run in expand_runs(load_sweep(path))]
+    assert first == second
+    assert len(set(first)) == len(first) == 6
+    for name in first:
+        assert safe_name(name) == name and "/" not in name and " " not in name
+        assert len(name) < 160
+    assert first[0].startswith("PIXEL_MEAN=103.5-116.3-123.7__OUTPUT_TAG=a-b")
+    # "a/b", "a b" and "a:b" all read "a-b": a hash of what each cell runs tells them apart.
+    assert all("~" in name for name in first)
+
+
+def test_default_output_root_and_seed_count(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(
+        write_sweep(tmp_path, f"base_config: {MASK_RCNN}\nseeds: 3\n", name="mine.yaml")
+    )
+    assert spec.output_root == str(tmp_path / "output" / "sweeps" / "mine")
+    assert [run.name for run in expand_runs(spec)] == [
+        "base__seed=0",
+        "base__seed=1",
+        "base__seed=2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("axes: {head: {a: {config: nope.yaml}}}", "not found"),
+        ("axes: {head: {a: {}}}\ncells: [{head: b}]", "no group 'b'"),
+        ("opts: {OUTPUT_DIR: /tmp/x}", "set by the sweep"),
+        (
+            "axes: {h: {a: {config: %s}}}\ncells: [{h: a, config: %s}]" % (MASK_RCNN, MASK_RCNN),
+            "set the config",
+        ),
+        ("launcher: pbs", "launcher"),
+        ("sedes: [0]", "unknown keys"),
+        ("opts: [A, 1, B]", "alternate"),
+        ("axes: {X: []}", "non-empty"),
+    ],
+)
+def test_invalid_sweeps_are_rejected(tmp_path, text, message):
+    path = write_sweep(tmp_path, f"base_config: {MASK_RCNN}\n{text}\n")
+    with pytest.raises(SweepError, match=message):
+        expand_runs(load_sweep(path))
+
+
+def test_slurm_parameters():
+    spec = sweep_tool.SweepSpec(
+        path="s.yaml", name="s", base_config="c", output_root="/o", axes={}, cells=[], seeds=[0], opts=[],
+        num_gpus=8, parallel=4,
+        slurm={"partition": "gpu", "time": "1-02:30:00", "cpus": 10, "mem": "64G", "exclusive": True},
+    )  # fmt: skip
+    params = slurm_parameters(spec)
+    assert params["slurm_partition"] == "gpu" and params["gpus_per_node"] == 8
+    assert (
+        params["timeout_min"] == 26 * 60 + 30
+        and params["mem_gb"] == 64
+        and params["cpus_per_task"] == 10
+    )
+    assert params["slurm_array_parallelism"] == 4 and params["slurm_exclusive"] is True
+    spec.slurm = {"bogus": 1}
+    with pytest.raises(SweepError, match="bogus"):
+        slurm_parameters(spec)
+
+
+# ----------------------------------------------------------------- run states with fake folders
+
+
+def fake_finished(output_dir, max_iter=4, final=True, aps=(10.0, 20.0), seen=None):
+    """A run folder as train_net.py leaves it (final evaluation at MAX_ITER when final)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+        f.write(f"SOLVER:\n  MAX_ITER: {max_iter}\nDATASETS:\n  TEST: [shapes_tiny_val]\n")
+    records = [
+        {"iteration": 0, "total_loss": 3.0},
+        {"iteration": 1, "segm/AP": aps[0], "bbox/AP": aps[0] + 1},
+    ]
+    if final:
+        last = {
+            "iteration": max_iter,
+            "segm/AP": aps[1],
+            "bbox/AP": aps[1] + 1,
+            "segm/AP50": aps[1] + 5,
+        }
+        last["segm/AP75"] = aps[1] - 5
+        if seen is not None:
+            last["segm/seen/AP"], last["segm/unseen/AP"] = seen
+        records.append(last)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.write('{"iteration": 5, "segm/A')  # a line cut short by a kill is ignored
+    open(os.path.join(output_dir, "model_final.pth"), "w").close()
+    open(os.path.join(output_dir, "last_checkpoint"), "w").write("model_final.pth")
+
+
+def write_status(output_dir, **status):
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, STATUS_FILE), "w") as f:
+        json.dump(status, f)
+
+
+def test_run_states_from_folders(tmp_path):
+    done, no_final_eval, interrupted, failed, alive, stale, fresh = (
+        str(tmp_path / n) for n in "abcdefg"
+    )
+    fake_finished(done)
+    fake_finished(no_final_eval, final=False)  # killed while evaluating: weights but no numbers
+    os.makedirs(interrupted)
+    open(os.path.join(interrupted, "last_checkpoint"), "w").write("model_0000009.pth")
+    write_status(failed, state=FAILED, returncode=1)
+    write_status(alive, state=RUNNING, heartbeat=time.time())
+    write_status(stale, state=RUNNING, heartbeat=time.time() - 3600)
+    open(os.path.join(stale, "last_checkpoint"), "w").write("model_0000009.pth")
+    assert run_state(done) == DONE
+    assert run_state(no_final_eval) == INTERRUPTED
+    assert run_state(interrupted) == INTERRUPTED
+    assert run_state(failed) == FAILED
+    assert run_state(alive) == RUNNING
+    assert run_state(stale) == INTERRUPTED
+    assert run_state(fresh) == PENDING
+
+
+def test_plan_skips_done_resumes_interrupted_and_retries_failed(tmp_path, capsys):
+    text = f"""
+        base_config: {MASK_RCNN}
+        output_root: {tmp_path / "out"}
+        axes: {{SOLVER.BASE_LR: [0.1, 0.2, 0.3, 0.4]}}
+    """
+    spec = load_sweep(write_sweep(tmp_path, text))
+    runs = expand_runs(spec)
+    fake_finished(runs[0].output_dir)
+    os.makedirs(runs[1].output_dir)
+    open(os.path.join(runs[1].output_dir, "last_checkpoint"), "w").write("model_0000001.pth")
+    write_status(runs[2].output_dir, state=FAILED, returncode=1)
+    launch, states = plan(runs, retry_failed=True)
+    assert [states[r.name] for r in runs] == [DONE, INTERRUPTED, FAILED, PENDING]
+    assert launch == runs[1:]
+    assert plan(runs, retry_failed=False)[0] == [runs[1], runs[3]]
+
+    sweep_tool.print_dry_run(spec, runs, retry_failed=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"[done, skip] {runs[0].name}"
+    assert lines[2] == f"[interrupted, run] {runs[1].name}" and "--resume" in lines[3]
+    assert lines[4] == f"[failed, run] {runs[2].name}" and "--resume" not in lines[5]
+
+
+# --------------------------------------------------------------- launching with a fake trainer
+
+FAKE_TRAIN = r"""
+import json, os, sys
+args = sys.argv[1:]
+opts = args[args.index("OUTPUT_DIR"):]
+kv = dict(zip(opts[::2], opts[1::2]))
+out = kv["OUTPUT_DIR"]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "calls.txt"), "a") as f:
+    f.write(json.dumps({"argv": args, "omp": os.environ.get("OMP_NUM_THREADS")}) + "\n")
+for i in range(80):
+    print("log line", i)
+if kv.get("FAKE.FAIL") == "1":
+    print("RuntimeError: this run fails on purpose")
+    sys.exit(3)
+lr = float(kv.get("SOLVER.BASE_LR", 0.1))
+seed = int(kv["SEED"])
+with open(os.path.join(out, "config.yaml"), "w") as f:
+    f.write("SOLVER:\n  MAX_ITER: 4\nDATASETS:\n  TEST: [shapes_tiny_val]\n")
+with open(os.path.join(out, "metrics.json"), "w") as f:
+    for it, ap in ((1, lr * 50), (4, lr * 100 + seed)):
+        f.write(json.dumps({"iteration": it, "segm/AP": ap, "bbox/AP": ap + 1,
+                            "segm/seen/AP": ap + 2, "segm/unseen/AP": ap - 2}) + "\n")
+with open(os.path.join(out, "log.txt"), "w") as f:
+    f.write("[d2.engine.hooks]: Total training time: 0:01:05 (0:00:01 on hooks)\n")
+open(os.path.join(out, "model_final.pth"), "w").close()
+"""
+
+
+def fake_sweep(tmp_path, launcher="local", parallel=2):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    text = f"""
+        base_config: {MASK_RCNN}
+        output_root: {tmp_path / "out"}
+        train_script: {script}
+        axes: {{SOLVER.BASE_LR: [0.1, 0.2]}}
+        cells: [{{name: bad, FAKE.FAIL: 1}}]
+        seeds: [0, 1]
+        launcher: {launcher}
+        parallel: {parallel}
+    """
+    return write_sweep(tmp_path, text)
+
+
+def calls(output_dir):
+    path = os.path.join(output_dir, "calls.txt")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path)]
+
+
+def test_local_sweep_records_failures_resumes_and_retries(tmp_path, capsys):
+    path = fake_sweep(tmp_path)
+    spec = load_sweep(path)
+    runs = {run.name: run for run in expand_runs(spec)}
+    good, interrupted, bad = (
+        runs["SOLVER.BASE_LR=0.1__seed=0"],
+        runs["SOLVER.BASE_LR=0.2__seed=1"],
+        runs["bad__seed=0"],
+    )
+    fake_finished(good.output_dir)  # finished before: skipped
+    os.makedirs(interrupted.output_dir)
+    open(os.path.join(interrupted.output_dir, "last_checkpoint"), "w").write("model_0000001.pth")
+
+    assert sweep_tool.main([path, "--no-report"]) == 1  # some runs failed
+    out = capsys.readouterr().out
+    assert calls(good.output_dir) == []
+    assert "--resume" in calls(interrupted.output_dir)[0]["argv"]
+    assert "--resume" not in calls(runs["SOLVER.BASE_LR=0.2__seed=0"].output_dir)[0]["argv"]
+    # parallel 2 on this machine's cores
+    assert calls(interrupted.output_dir)[0]["omp"] == str(max(1, sweep_tool.available_cores() // 2))
+    status = json.load(open(os.path.join(bad.output_dir, STATUS_FILE)))
+    assert status["state"] == FAILED and status["returncode"] == 3
+    assert (
+        len(status["log_tail"]) == 50
+        and status["log_tail"][-1] == "RuntimeError: this run fails on purpose"
+    )
+    assert run_state(bad.output_dir) == FAILED
+    assert all(
+        run_state(r.output_dir) == DONE for r in runs.values() if not r.name.startswith("bad")
+    )
+    assert "done 4, running 0, failed 2, pending 0 of 6" in out
+    assert "bad__seed=1: failed (return code 3)" in out
+    summary = json.load(open(os.path.join(spec.output_root, "sweep_status.json")))
+    assert summary["counts"] == {"done": 4, "running": 0, "failed": 2, "pending": 0}
+
+    # Rerun: finished runs stay untouched, failures are retried (and fail again) ...
+    assert sweep_tool.main([path, "--no-report"]) == 1
+    assert len(calls(interrupted.output_dir)) == 1 and len(calls(bad.output_dir)) == 2
+    assert json.load(open(os.path.join(bad.output_dir, STATUS_FILE)))["attempt"] == 2
+    # ... unless told not to.
+    assert sweep_tool.main([path, "--no-retry-failed", "--no-report"]) == 1
+    assert len(calls(bad.output_dir)) == 2
+    assert "launching 0" in capsys.readouterr().out
+
+
+def test_report_mean_std_missing_cells_and_plots(tmp_path):
+    path = fake_sweep(tmp_path)
+    spec = load_sweep(path)
+    runs = {run.name: run for run in expand_runs(spec)}
+    fake_finished(runs["SOLVER.BASE_LR=0.1__seed=0"].output_dir, aps=(5.0, 30.0), seen=(40.0, 10.0))
+    fake_finished(runs["SOLVER.BASE_LR=0.1__seed=1"].output_dir, aps=(7.0, 34.0), seen=(44.0, 12.0))
+    fake_finished(runs["SOLVER.BASE_LR=0.2__seed=0"].output_dir, aps=(1.0, 20.0))
+    fake_finished(runs["SOLVER.BASE_LR=0.2__seed=1"].output_dir, final=False)  # interrupted
+    write_status(runs["bad__seed=0"].output_dir, state=FAILED, returncode=1)
+
+    paths = write_report(spec, list(runs.values()))
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert [r["run"] for r in rows] == list(runs)
+    first = rows[0]
+    assert first["state"] == DONE and first["SOLVER.BASE_LR"] == "0.1" and first["iteration"] == "4"
+    assert float(first["segm/AP"]) == 30.0 and float(first["segm/seen/AP"]) == 40.0
+    assert (
+        rows[3]["state"] == INTERRUPTED and float(rows[3]["segm/AP"]) == 10.0
+    )  # its latest evaluation
+    assert rows[4]["state"] == FAILED and rows[4]["segm/AP"] == ""
+
+    table = open(paths["markdown"]).read()
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["cell", "SOLVER.BASE_LR", "FAKE.FAIL", "runs done", "box AP", "mask AP", "mask AP50",
+                      "mask AP75", "seen AP", "unseen AP"]  # fmt: skip
+    cells = {
+        c.strip("| ").split("|")[0].strip(): [x.strip() for x in c.strip("|").split("|")]
+        for c in lines[2:]
+    }
+    assert cells["SOLVER.BASE_LR=0.1"][3:8] == [
+        "2/2",
+        "33.0 ± 2.8",
+        "32.0 ± 2.8",
+        "37.0 ± 2.8",
+        "27.0 ± 2.8",
+    ]
+    assert cells["SOLVER.BASE_LR=0.1"][8:] == ["42.0 ± 2.8", "11.0 ± 1.4"]
+    assert cells["SOLVER.BASE_LR=0.2"][3:5] == ["1/2 (1 interrupted)", "21.0"]
+    assert cells["SOLVER.BASE_LR=0.2"][8] == "—"
+    assert cells["bad"][3] == "0/2 (1 failed, 1 pending)" and cells["bad"][5] == "—"
+    assert "No finished run yet (—): bad" in table
+
+    for name in ("ap_bars", "seen_unseen_mask_ap", "mask_ap_vs_iteration"):
+        with Image.open(paths[name]) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+
+
+# ------------------------------------------------------------------- end to end (detectron2)
+
+
+@pytest.fixture(scope="module")
+def shapes_env(tmp_path_factory):
+    """MASKLAB_SHAPES_DIR for the training subprocesses: inherited when set, else a temp dir."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not os.environ.get("MASKLAB_SHAPES_DIR"):
+            patch.setenv("MASKLAB_SHAPES_DIR", str(tmp_path_factory.mktemp("shapes")))
+        yield os.environ["MASKLAB_SHAPES_DIR"]
+
+
+def check_real_report(output_root, good_runs):
+    paths = dict(
+        csv=os.path.join(output_root, "results.csv"),
+        md=os.path.join(output_root, "results.md"),
+        png=os.path.join(output_root, "mask_ap_vs_iteration.png"),
+    )
+    rows = {row["run"]: row for row in csv.DictReader(open(paths["csv"]))}
+    for name in good_runs:
+        row = rows[name]
+        assert row["state"] == DONE and row["iteration"] == "4", row
+        assert row["segm/AP"] != "" and row["segm/unseen/AP"] != "" and row["bbox/AP"] != ""
+        assert float(row["train_time_s"]) >= 0
+    assert "mask AP" in open(paths["md"]).read()
+    with Image.open(paths["png"]) as image:
+        assert image.size[0] > 300
+    # The curve comes from the periodic evaluation (iteration 1) and the final one (4).
+    metrics = [
+        json.loads(line) for line in open(os.path.join(output_root, good_runs[0], "metrics.json"))
+    ]
+    assert [r["iteration"] for r in metrics if "segm/AP" in r] == [1, 4]
+
+
+@pytest.mark.detectron2
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_local(tmp_path, shapes_env, capsys):
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+    root = str(tmp_path / "local")
+    assert sweep_tool.main([TINY_SWEEP, "--output-root", root]) == 1  # the broken cell fails
+    out = capsys.readouterr().out
+    good = [
+        "ROI_HEADS.BATCH_SIZE_PER_IMAGE=32__seed=0",
+        "ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=0",
+    ]
+    for name in good:
+        assert run_state(os.path.join(root, name)) == DONE
+    status = json.load(open(os.path.join(root, "broken__seed=0", STATUS_FILE)))
+    assert status["state"] == FAILED and status["returncode"] != 0
+    assert "NO_SUCH_OPTIMIZER" in status["log_tail"][-1]
+    assert "done 2, running 0, failed 1, pending 0 of 3" in out
+    check_real_report(root, good)
+    assert "0/1 (1 failed)" in open(os.path.join(root, "results.md")).read()
+
+
+@pytest.mark.detectron2
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_submitit_local(tmp_path, shapes_env, capsys):
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+    pytest.importorskip("submitit")
+    root = str(tmp_path / "submitit")
+    argv = [
+        TINY_SWEEP,
+        "--output-root",
+        root,
+        "--launcher",
+        "submitit-local",
+        "--filter",
+        "BATCH_SIZE",
+    ]
+    assert sweep_tool.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("as job") == 2 and "done 2, running 0, failed 0, pending 0 of 2" in out
+    good = [
+        "ROI_HEADS.BATCH_SIZE_PER_IMAGE=32__seed=0",
+        "ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=0",
+    ]
+    for name in good:
+        status = json.load(open(os.path.join(root, name, STATUS_FILE)))
+        assert status["state"] == DONE and status["returncode"] == 0
+        assert status["pid"] != os.getpid()  # ran inside a submitit job
+    assert os.path.isdir(os.path.join(root, "submitit"))
+    check_real_report(root, good)
+    # Finished: a rerun launches nothing.
+    assert sweep_tool.main(argv + ["--no-report"]) == 0
+    assert "launching 0" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- Slurm bookkeeping
+
+
+def test_queued_slurm_jobs_are_not_submitted_twice(tmp_path, monkeypatch):
+    queued, gone, started = (str(tmp_path / n) for n in ("queued", "gone", "started"))
+    for folder, job in ((queued, "77_1"), (gone, "77_2")):
+        sweep_tool.mark_queued(folder, job)
+    write_status(started, state=RUNNING, heartbeat=time.time(), attempt=1)
+    sweep_tool.mark_queued(started, "77_3")  # the job already runs: its status stays
+    monkeypatch.setattr(sweep_tool, "slurm_queue", lambda: {"77_1", "77_3"})
+    assert run_state(queued) == sweep_tool.QUEUED
+    assert run_state(gone) == PENDING  # left the queue without starting: launch it again
+    assert run_state(started) == RUNNING
+    assert json.load(open(os.path.join(started, STATUS_FILE)))["attempt"] == 1
+
+
+def test_a_job_dying_outside_the_run_is_recorded_as_failed(tmp_path):
+    class DeadJob:
+        def result(self):
+            raise RuntimeError("job 12 was killed: out of memory\nslurmstepd: error")
+
+    task = sweep_tool.RunTask("r", str(tmp_path / "r"), ["python"], ["OUTPUT_DIR", "x"])
+    sweep_tool.mark_queued(task.output_dir, "12")
+    sweep_tool._collect(task, DeadJob())
+    status = json.load(open(os.path.join(task.output_dir, STATUS_FILE)))
+    assert status["state"] == FAILED and "out of memory" in status["error"]
+    assert status["log_tail"][-1] == "slurmstepd: error"
+    assert run_state(task.output_dir) == FAILED
+
+
+def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, capsys):
+    """The slurm launcher's code (job array batch, queued marks, polling) with submitit's
+    LocalExecutor standing in for Slurm."""
+    submitit = pytest.importorskip("submitit")
+    created = {}
+
+    class LocalAutoExecutor:
+        def __init__(self, folder, cluster=None):
+            assert cluster == "slurm"
+            self.executor = submitit.LocalExecutor(folder=folder)
+
+        def update_parameters(self, **params):
+            created["params"] = params
+            self.executor.update_parameters(timeout_min=params["timeout_min"])
+
+        def batch(self):
+            created["batch"] = True
+            return self.executor.batch()
+
+        def submit(self, *args, **kwargs):
+            return self.executor.submit(*args, **kwargs)
+
+    monkeypatch.setattr(submitit, "AutoExecutor", LocalAutoExecutor)
+    monkeypatch.setattr(sweep_tool, "slurm_queue", lambda: set())
+    path = fake_sweep(tmp_path, launcher="slurm", parallel=3)
+    assert sweep_tool.main([path, "--no-report", "--filter", "LR=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("as job") == 2 and "done 2, running 0, failed 0, pending 0 of 2" in out
+    assert created["batch"] and created["params"]["slurm_array_parallelism"] == 3
+    spec = load_sweep(path)
+    for run in expand_runs(spec)[:2]:
+        status = json.load(open(os.path.join(run.output_dir, STATUS_FILE)))
+        assert status["state"] == DONE and status["job_id"] and status["pid"] != os.getpid()
