@@ -37,6 +37,7 @@ from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, regi
 from masklab_d2.data.datasets import check_mask_supervision
 from masklab_d2.evaluation import PartialCOCOEvaluator
 from masklab_d2.modeling import freeze_detector
+from masklab_d2.modeling.optim import module_lr_factors
 
 logger = logging.getLogger("masklab_d2")
 
@@ -73,10 +74,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
+        """SGD (detectron2's settings) or AdamW, honouring modules' ``lr_factor``."""
         name = cfg.SOLVER.OPTIMIZER.upper()
-        if name == "SGD":
-            return super().build_optimizer(cfg, model)
-        if name != "ADAMW":
+        if name not in ("SGD", "ADAMW"):
             raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'ADAMW', got {cfg.SOLVER.OPTIMIZER!r}")
         params = get_default_optimizer_params(
             model,
@@ -84,13 +84,24 @@ class Trainer(DefaultTrainer):
             weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+            lr_factor_func=module_lr_factors(model),
         )
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=cfg.SOLVER.BASE_LR,
-            betas=tuple(cfg.SOLVER.BETAS),
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        )
+        if name == "SGD":
+            optimizer = torch.optim.SGD(
+                params,
+                lr=cfg.SOLVER.BASE_LR,
+                momentum=cfg.SOLVER.MOMENTUM,
+                nesterov=cfg.SOLVER.NESTEROV,
+                weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                foreach=True,
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                params,
+                lr=cfg.SOLVER.BASE_LR,
+                betas=tuple(cfg.SOLVER.BETAS),
+                weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            )
         return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod

@@ -46,6 +46,10 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_GAMMA = 0.1
     # Hidden width of the offset MLP (C*R*R -> hidden -> 2*G*G, last layer zero-initialised).
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_HIDDEN_DIM = 256
+    # Offsets are bounded smoothly to +-this (box units before gamma: 5 -> half a box).
+    _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_MAX_OFFSET = 5.0
+    # Learning-rate multiplier of the offset network (Deformable ConvNets: 0.01).
+    _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_LR_FACTOR = 0.01
     # Res5BoxHead (MaskLab's box classifier, a duplicated res5): atrous rate of each block.
     _C.MODEL.ROI_BOX_HEAD.RES5_RATES = [1, 2, 4]
     # Res5BoxHead: 2x2 max-pool the crops before res5 (14x14 -> 7x7, as TF's Faster R-CNN).

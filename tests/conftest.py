@@ -1,17 +1,23 @@
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+# Generated test data (the shapes splits) goes to a fresh folder per session unless the caller
+# names one; set before masklab_d2.data registers the datasets with their paths.
+if "MASKLAB_SHAPES_DIR" not in os.environ:
+    os.environ["MASKLAB_SHAPES_DIR"] = tempfile.mkdtemp(prefix="masklab_shapes_")
+    atexit.register(shutil.rmtree, os.environ["MASKLAB_SHAPES_DIR"], ignore_errors=True)
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 DETECTRON2_REASON = (
     "detectron2 is not installed: install it as the README's 'Install' section says; "
     "every test that needs it is skipped"
 )
-
-# The suite runs on 2 CPU cores; more threads than cores only adds contention.
-torch.set_num_threads(min(torch.get_num_threads(), max(1, os.cpu_count() or 1)))
 
 
 def pytest_configure(config):

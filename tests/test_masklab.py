@@ -287,3 +287,35 @@ def test_coco_configs_build_and_train_one_step(config):
     with EventStorage():
         losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": _image_instances()}])
     assert torch.isfinite(sum(losses.values()))
+
+
+def test_offsets_are_bounded():
+    from masklab_d2.layers.deformable_pooling import SubBoxOffsetNet
+
+    net = SubBoxOffsetNet(4, 7, 7, hidden_dim=8, max_offset=2.0)
+    torch.nn.init.constant_(net.offsets.weight, 1e3)  # as if an optimiser had run away
+    offsets = net(torch.rand(3, 4, 7, 7) * 100)
+    assert offsets.abs().max() <= 2.0 and offsets.abs().max() > 1.9
+
+
+@pytest.mark.detectron2
+def test_offset_network_learns_at_its_lr_factor():
+    _d2()
+    from detectron2.modeling import build_model
+
+    import train_net
+    from test_protocol import tiny_cfg
+
+    cfg = tiny_cfg(os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml"))
+    model = build_model(cfg)
+    optimizer = train_net.Trainer.build_optimizer(cfg, model)
+    offset_params = {id(p) for p in model.roi_heads.box_pooler.offset_net.parameters()}
+    rates = {
+        id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]
+    }
+    factor = cfg.MODEL.ROI_BOX_HEAD.DEFORMABLE_LR_FACTOR
+    assert factor < 1
+    for param_id in offset_params:
+        assert rates[param_id] == pytest.approx(cfg.SOLVER.BASE_LR * factor)
+    others = [rate for param_id, rate in rates.items() if param_id not in offset_params]
+    assert max(others) == pytest.approx(cfg.SOLVER.BASE_LR)

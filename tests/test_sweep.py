@@ -505,8 +505,9 @@ def test_queued_slurm_jobs_are_not_submitted_twice(tmp_path, monkeypatch):
     queued, gone, started = (str(tmp_path / n) for n in ("queued", "gone", "started"))
     for folder, job in ((queued, "77_1"), (gone, "77_2")):
         sweep_tool.mark_queued(folder, job)
-    write_status(started, state=RUNNING, heartbeat=time.time(), attempt=1)
-    sweep_tool.mark_queued(started, "77_3")  # the job already runs: its status stays
+    submitted = time.time()
+    write_status(started, state=RUNNING, started=submitted + 1, heartbeat=submitted + 1, attempt=1)
+    sweep_tool.mark_queued(started, "77_3", submitted)  # the job already runs: its status stays
     monkeypatch.setattr(sweep_tool, "slurm_queue", lambda: {"77_1", "77_3"})
     assert run_state(queued) == sweep_tool.QUEUED
     assert run_state(gone) == PENDING  # left the queue without starting: launch it again

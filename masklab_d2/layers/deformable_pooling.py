@@ -7,6 +7,12 @@ zero-initialised, so training starts from plain crop-and-resize (as Deformable C
 
 The paper does not give the offset network; like Deformable ConvNets' RoI pooling (and mmcv's
 DeformRoIPoolPack) it is an MLP on the flattened plain crop: C*R*R -> hidden -> ReLU -> 2*G*G.
+Two safeguards keep it from running away, which it does with adaptive optimisers on unnormalised
+features (offsets of ~1000 box units after a few hundred AdamW steps were seen here):
+
+* offsets are bounded smoothly, ``max_offset * tanh(raw / max_offset)``;
+* the network carries ``lr_factor`` (Deformable ConvNets train offset layers at 0.01x the base
+  learning rate), which masklab_d2's optimiser builder applies to its parameters.
 """
 from typing import Optional
 
@@ -25,11 +31,25 @@ class SubBoxOffsetNet(nn.Module):
         resolution: R.
         grid: G.
         hidden_dim: width of the hidden layer.
+        max_offset: bound on each offset (box units before the deformable op's gamma).
+        lr_factor: learning-rate multiplier for these parameters (see the module docstring).
     """
 
-    def __init__(self, in_channels: int, resolution: int, grid: int, hidden_dim: int = 256):
+    def __init__(
+        self,
+        in_channels: int,
+        resolution: int,
+        grid: int,
+        hidden_dim: int = 256,
+        max_offset: float = 5.0,
+        lr_factor: float = 1.0,
+    ):
         super().__init__()
+        if max_offset <= 0:
+            raise ValueError(f"max_offset must be positive, got {max_offset}")
         self.grid = grid
+        self.max_offset = max_offset
+        self.lr_factor = lr_factor
         self.hidden = nn.Linear(in_channels * resolution * resolution, hidden_dim)
         self.offsets = nn.Linear(hidden_dim, 2 * grid * grid)
         nn.init.kaiming_uniform_(self.hidden.weight, a=1)
@@ -40,7 +60,11 @@ class SubBoxOffsetNet(nn.Module):
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.hidden(crops.flatten(1)))
-        return self.offsets(hidden).view(-1, 2, self.grid, self.grid)
+        raw = self.offsets(hidden).view(-1, 2, self.grid, self.grid)
+        return self.max_offset * torch.tanh(raw / self.max_offset)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, max_offset={self.max_offset}, lr_factor={self.lr_factor}"
 
 
 class DeformableCropAndResizePool(nn.Module):

@@ -46,10 +46,12 @@ class DeformableCropAndResizePooler(ROIPooler):
         grid: int,
         gamma: float = 0.1,
         hidden_dim: int = 256,
+        max_offset: float = 5.0,
+        lr_factor: float = 1.0,
         **kwargs,
     ):
         super().__init__(output_size, scales, sampling_ratio=0, pooler_type="ROIAlignV2", **kwargs)
-        self.offset_net = SubBoxOffsetNet(in_channels, output_size, grid, hidden_dim)
+        self.offset_net = SubBoxOffsetNet(in_channels, output_size, grid, hidden_dim, max_offset, lr_factor)
         self.level_poolers = nn.ModuleList(
             DeformableCropAndResizePool(output_size, scale, self.offset_net, gamma=gamma)
             for scale in scales
@@ -86,6 +88,8 @@ def build_roi_pooler(head_cfg, input_shape: Dict[str, ShapeSpec], in_features: S
             grid=head_cfg.DEFORMABLE_GRID,
             gamma=head_cfg.DEFORMABLE_GAMMA,
             hidden_dim=head_cfg.DEFORMABLE_HIDDEN_DIM,
+            max_offset=head_cfg.DEFORMABLE_MAX_OFFSET,
+            lr_factor=head_cfg.DEFORMABLE_LR_FACTOR,
         )
     else:  # detectron2's own types; ROIPooler raises on unknown names
         pooler = ROIPooler(

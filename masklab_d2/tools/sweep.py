@@ -4,6 +4,7 @@
     python -m masklab_d2.tools.sweep projects/sweeps/shapes_partial_heads.yaml [--parallel 2]
     python -m masklab_d2.tools.sweep projects/sweeps/shapes_partial_heads.yaml --launcher slurm
     python -m masklab_d2.tools.sweep projects/sweeps/shapes_partial_heads.yaml --report
+    (also: --output-root DIR, --filter REGEX on run names, --no-retry-failed, --no-report)
 
 A sweep file (YAML) describes the runs::
 
@@ -42,8 +43,9 @@ Rerunning a sweep continues it: a run with ``model_final.pth`` and its final eva
 skipped, one with a checkpoint but unfinished (interrupted, preempted, timed out) reruns with
 ``--resume``, one that failed (``sweep_run.json`` in its folder holds the return code and the last
 50 lines of its log ``sweep_run.log``) is retried unless ``--no-retry-failed``. A run whose
-status file shows a live heartbeat (another sweep process or a Slurm job running it) is left
-alone. A failing run never stops the others. While it runs, a line per change gives the done /
+status file shows a live heartbeat (another sweep process or a Slurm job running it), or whose
+Slurm job still waits in the queue (``squeue``), is left alone, so rerunning the sweep to follow
+a Slurm sweep submits nothing twice. A failing run never stops the others. While it runs, a line per change gives the done /
 running / failed / pending counts and an ETA; ``<output_root>/sweep_status.json`` holds the same.
 ``--report`` (and the end of every sweep) writes results.csv, results.md and plots, see
 :mod:`masklab_d2.tools.sweep_report`.
@@ -204,6 +206,7 @@ def resolve_path(path: str, sweep_dir: str, must_exist: bool = True) -> str:
             os.path.join(_REPO_ROOT, path),
             os.path.abspath(path),
         ]
+    candidates = list(dict.fromkeys(os.path.normpath(c) for c in candidates))
     for candidate in candidates:
         if os.path.exists(candidate):
             return os.path.abspath(candidate)
@@ -382,22 +385,19 @@ def _cell_name(values: Sequence[Tuple[str, str]]) -> str:
 def expand_cells(spec: SweepSpec) -> List[Cell]:
     """The grid (product of the axes, first axis slowest) followed by the explicit cells.
 
+    An explicit cell equal to a grid cell is dropped; different cells whose names read alike
+    get a hash suffix (see :func:`_deduplicate`).
+
     Raises:
-        SweepError: on an unknown group label, two groups that both set a config file, two cells
-            with one name but different runs, or overrides of OUTPUT_DIR / SEED.
+        SweepError: on an unknown group label, two groups that both set a config file, or
+            overrides of OUTPUT_DIR / SEED.
     """
     cells: List[Cell] = []
     axis_names = list(spec.axes)
-    choices = []
-    for axis in axis_names:
-        values = spec.axes[axis]
-        if isinstance(values, dict):
-            choices.append([(axis, label, True) for label in values])
-        else:
-            choices.append([(axis, value, False) for value in values])
-    for combination in itertools.product(*choices) if axis_names else [()]:
-        entries = [(axis, value) for axis, value, _ in combination]
-        cells.append(_make_cell(spec, entries, config=None, name=None))
+    # A named-group axis ranges over its labels, a key axis over its values.
+    choices = [[(axis, value) for value in spec.axes[axis]] for axis in axis_names]
+    for entries in itertools.product(*choices):
+        cells.append(_make_cell(spec, list(entries), config=None, name=None))
     for index, explicit in enumerate(spec.cells):
         where = f"{spec.path}: cells[{index}]"
         entries = [(k, explicit[k]) for k in axis_names if k in explicit]
@@ -934,6 +934,7 @@ class SubmititLauncher:
 
     def submit(self, tasks: List[RunTask]) -> List[Any]:
         runs = [SubmititRun(dataclasses.replace(t, env={**self.env, **t.env})) for t in tasks]
+        submitted = time.time()
         if len(runs) > 1 and self.kind == "slurm":
             with self.executor.batch():
                 jobs = [self.executor.submit(run) for run in runs]
@@ -942,7 +943,7 @@ class SubmititLauncher:
         for task, job in zip(tasks, jobs):
             print(f"[sweep] submitted {task.name} as job {job.job_id}", flush=True)
             if self.kind == "slurm":
-                mark_queued(task.output_dir, str(job.job_id))
+                mark_queued(task.output_dir, str(job.job_id), submitted)
         self.jobs += jobs
         return jobs
 
@@ -958,15 +959,23 @@ class SubmititLauncher:
         pass
 
 
-def mark_queued(output_dir: str, job_id: str) -> None:
+def mark_queued(output_dir: str, job_id: str, submitted: Optional[float] = None) -> None:
     """Records a submitted Slurm job in the run's status file, so that a rerun of the sweep
-    while it waits in the queue does not submit the run again."""
+    while it waits in the queue does not submit the run again.
+
+    Args:
+        output_dir: the run folder.
+        job_id: the Slurm job (array task) id.
+        submitted: when it was submitted (now by default); a run started since then owns the
+            status file and keeps it.
+    """
+    submitted = time.time() if submitted is None else submitted
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, STATUS_FILE)
     status = read_json(path) or {}
-    if status.get("state") == RUNNING and time.time() - float(status.get("heartbeat", 0)) < 5:
-        return  # the job has already started (and owns the file)
-    status.update(state=QUEUED, job_id=job_id, submitted=time.time())
+    if float(status.get("started", 0)) >= submitted:
+        return
+    status.update(state=QUEUED, job_id=job_id, submitted=submitted)
     _write_json_atomic(path, status)
 
 
@@ -1262,7 +1271,8 @@ def print_dry_run(spec: SweepSpec, runs: List[Run], retry_failed: bool, stream=N
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Runs a sweep of train_net.py configs (see the module docstring for the file format).",
+        prog="python -m masklab_d2.tools.sweep",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("sweep_file", help="the sweep YAML")
@@ -1346,4 +1356,7 @@ if __name__ == "__main__":
     # Run the importable module, not __main__: submitit pickles SubmititRun by reference.
     from masklab_d2.tools import sweep as _sweep
 
-    sys.exit(_sweep.main())
+    try:
+        sys.exit(_sweep.main())
+    except _sweep.SweepError as error:
+        sys.exit(f"sweep: {error}")

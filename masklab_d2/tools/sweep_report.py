@@ -231,9 +231,11 @@ def write_markdown(
 
 
 def _label(cell: Dict[str, Any]) -> str:
-    """A plot label: the cell's values, one per line (its name when it has none)."""
+    """A plot label: a named cell's name, else its values one per line."""
     values = cell["values"]
-    return "\n".join(f"{k}={v}" for k, v in values.items()) if values else cell["cell"]
+    if not values or cell["cell"] != _cell_name(list(values.items())):
+        return cell["cell"]
+    return "\n".join(f"{k}={v}" for k, v in values.items())
 
 
 def plot_bars(path: str, cells: Sequence[Dict[str, Any]], keys: Sequence[str], title: str) -> bool:
@@ -264,6 +266,7 @@ def plot_bars(path: str, cells: Sequence[Dict[str, Any]], keys: Sequence[str], t
                 fontsize=8,
                 color="gray",
             )
+    axes.set_xlim(-0.6, len(cells) - 0.4)
     axes.set_xticks(list(positions))
     axes.set_xticklabels([_label(c) for c in cells], fontsize=8, rotation=20, ha="right")
     axes.set_ylim(bottom=0, top=max(1.0, axes.get_ylim()[1]))  # AP >= 0; keep zeros visible
@@ -292,11 +295,9 @@ def plot_curves(path: str, cells: Sequence[Dict[str, Any]]) -> bool:
         iterations = sorted(by_iteration)
         stats = [_mean_std(by_iteration[i]) for i in iterations]
         means = [m for m, _ in stats]
-        label = (
-            cell["cell"]
-            if cell["done"] == cell["seeds"]
-            else f"{cell['cell']} ({_runs_cell(cell)})"
-        )
+        label = _label(cell).replace("\n", ", ")
+        if cell["done"] != cell["seeds"]:
+            label += f" [{_runs_cell(cell)} done]"
         (line,) = axes.plot(iterations, means, marker="o", markersize=3, label=label)
         if any(len(by_iteration[i]) > 1 for i in iterations):
             low = [m - s for m, s in stats]
