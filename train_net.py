@@ -18,9 +18,7 @@ import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import (
-    DatasetCatalog,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
@@ -32,8 +30,8 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from masklab_d2.config import add_masklab_config
-from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, register_coco_partial
+from masklab_d2.config import load_config
+from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, register_coco_datasets
 from masklab_d2.data.datasets import check_mask_supervision
 from masklab_d2.evaluation import PartialCOCOEvaluator
 from masklab_d2.modeling import freeze_detector
@@ -145,27 +143,11 @@ class Trainer(DefaultTrainer):
 
 def setup(args):
     """Config from file and command-line options; CPU when no GPU is visible."""
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="masklab_d2")
     return cfg
-
-
-def register_datasets(specs):
-    """--coco-dataset NAME=JSON:IMAGE_ROOT entries -> registered COCO-format datasets."""
-    for spec in specs or []:
-        name, _, paths = spec.partition("=")
-        json_file, _, image_root = paths.partition(":")
-        if not (name and json_file and image_root):
-            raise ValueError(f"--coco-dataset expects NAME=JSON:IMAGE_ROOT, got {spec!r}")
-        if name not in DatasetCatalog.list():
-            register_coco_partial(name, json_file, image_root)
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -173,7 +155,7 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(args):
-    register_datasets(args.coco_dataset)
+    register_coco_datasets(args.coco_dataset)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -1,48 +1,57 @@
-"""Config keys added by masklab_d2 (call `add_masklab_config(cfg)` before `merge_from_file`)."""
+"""Config keys added by masklab_d2 (call `add_masklab_config(cfg)` before `merge_from_file`).
+
+Every key is described in the README's "Config keys" table.
+"""
+from typing import Sequence
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """detectron2's defaults + masklab_d2's keys + a YAML file + ``KEY VALUE`` options.
+
+    MODEL.DEVICE falls back to the CPU when it names CUDA and no GPU is visible. The config is
+    returned unfrozen.
+    """
+    cfg = get_cfg()
+    add_masklab_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def add_masklab_config(cfg: CN) -> None:
     """Adds every masklab_d2 key, each with its default, to a detectron2 config in place."""
     _C = cfg
 
-    # ---------------------------------------------------------------------------------------
-    # Partially supervised data
-    # ---------------------------------------------------------------------------------------
-    # Classes whose masks train the mask branch: "all", a class group of the training dataset
-    # (e.g. "voc" / "nonvoc", see README), or comma-separated class names. The other classes keep
-    # their boxes (RPN and box head train on them) but never reach a mask loss. Evaluation
-    # reports mask AP on these classes ("seen") and on the rest ("unseen").
+    # ---- Partially supervised data -----------------------------------------------------------
+    # Classes whose masks train the mask branch: "all", a class group (e.g. "voc") or "a,b,c".
     _C.DATASETS.MASK_TRAIN_CLASSES = "all"
 
-    # ---------------------------------------------------------------------------------------
-    # Solver
-    # ---------------------------------------------------------------------------------------
-    # "SGD" (detectron2's, with SOLVER.MOMENTUM / NESTEROV) or "ADAMW" (betas from SOLVER.BETAS).
+    # ---- Solver -----------------------------------------------------------------------------
+    # "SGD" (detectron2's, with SOLVER.MOMENTUM / NESTEROV) or "ADAMW" (with SOLVER.BETAS).
     _C.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2).
     _C.SOLVER.BETAS = (0.9, 0.999)
 
-    # ---------------------------------------------------------------------------------------
-    # Head-only training
-    # ---------------------------------------------------------------------------------------
-    # Freeze everything but the mask branch (backbone, RPN and box branch, BatchNorm statistics
-    # included) after loading MODEL.WEIGHTS, so head ablations share one trained detector.
+    # ---- Head-only training -----------------------------------------------------------------
+    # Load MODEL.WEIGHTS, freeze backbone, RPN and box branch (BN too), train the mask branch.
     _C.MODEL.FREEZE_DETECTOR = False
 
-    # ---------------------------------------------------------------------------------------
-    # ROI heads (masklab_d2's PartialROIHeads, used by every head config)
-    # ---------------------------------------------------------------------------------------
-    # Train the mask branch on the ground-truth boxes, each ground-truth instance that has a mask
-    # exactly once, instead of on foreground proposals (Deep-MARC's crop-to-ground-truth;
-    # MaskLab trains this way). Inference always uses the predicted boxes.
+    # ---- ROI heads (PartialROIHeads, used by every head config) -----------------------------
+    # Train the mask branch on the ground-truth boxes (each masked instance once), not proposals.
     _C.MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES = False
     # Feature maps the mask branch reads; empty means MODEL.ROI_HEADS.IN_FEATURES.
     _C.MODEL.ROI_MASK_HEAD.IN_FEATURES = []
-    # With ROI_BOX_HEAD.POOLER_TYPE "DeformableCropAndResize": sub-boxes per side (G, divides
-    # POOLER_RESOLUTION; MaskLab: 14x14 crops in 7x7 sub-boxes of 2x2 samples).
+
+    # ---- Box branch: deformable crop-and-resize pooling and MaskLab's res5 box head ---------
+    # POOLER_TYPE "DeformableCropAndResize": sub-boxes per side G (divides POOLER_RESOLUTION).
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_GRID = 7
-    # Offset scale: a sub-box moves by gamma * offset * (box width, box height).
+    # Offset scale gamma: a sub-box moves by gamma * offset * (box width, box height).
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_GAMMA = 0.1
     # Hidden width of the offset MLP (C*R*R -> hidden -> 2*G*G, last layer zero-initialised).
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_HIDDEN_DIM = 256
@@ -50,14 +59,12 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_MAX_OFFSET = 5.0
     # Learning-rate multiplier of the offset network (Deformable ConvNets: 0.01).
     _C.MODEL.ROI_BOX_HEAD.DEFORMABLE_LR_FACTOR = 0.01
-    # Res5BoxHead (MaskLab's box classifier, a duplicated res5): atrous rate of each block.
+    # Res5BoxHead (a duplicated res5 as box classifier): atrous rate of each of its blocks.
     _C.MODEL.ROI_BOX_HEAD.RES5_RATES = [1, 2, 4]
     # Res5BoxHead: 2x2 max-pool the crops before res5 (14x14 -> 7x7, as TF's Faster R-CNN).
     _C.MODEL.ROI_BOX_HEAD.RES5_POOL_FIRST = True
 
-    # ---------------------------------------------------------------------------------------
-    # Backbones (build_masklab_resnet_backbone / build_masklab_resnet_fpn_backbone)
-    # ---------------------------------------------------------------------------------------
+    # ---- Backbones (build_masklab_resnet_backbone / build_masklab_resnet_fpn_backbone) ------
     # Dilation of res4 (1 or 2); 2 keeps res4 at stride 8 (MaskLab's output stride 8).
     _C.MODEL.RESNETS.RES4_DILATION = 1
     # Per-block multipliers of RES5_DILATION in res5 (multi-grid); empty means all 1.
@@ -65,23 +72,16 @@ def add_masklab_config(cfg: CN) -> None:
     # Bottom-up features ("conv1", "res2", ...) the FPN backbone also returns unchanged.
     _C.MODEL.FPN.HYPERCOLUMN_FEATURES = []
 
-    # ---------------------------------------------------------------------------------------
-    # Deep-MARC heads (HourglassMaskHead, ResNetMaskHead): RoIAlign crops of
-    # ROI_MASK_HEAD.POOLER_RESOLUTION (32 in the paper) -> mask network -> 2x2 stride-2
-    # deconv + norm + ReLU -> 1x1 conv: masks of twice the crop size (64).
-    # ---------------------------------------------------------------------------------------
+    # ---- Deep-MARC heads (HourglassMaskHead, ResNetMaskHead) --------------------------------
     _C.MODEL.DEEP_MARC = CN()
-    # Mask network: hourglass10/20/32/52/100 (HourglassMaskHead) or resnet4/8/12/16/20
-    # (ResNetMaskHead, the paper's head-depth baselines).
+    # Mask network: hourglass10/20/32/52/100 or (ResNetMaskHead) resnet4/8/12/16/20.
     _C.MODEL.DEEP_MARC.NETWORK = "hourglass52"
     # Base width nc (64 in the paper; stage widths are multiples of it).
     _C.MODEL.DEEP_MARC.NUM_FILTERS = 64
     # Norm of the mask network and deconv: "BN", "SyncBN", "GN" or "" (none).
     _C.MODEL.DEEP_MARC.NORM = "BN"
 
-    # ---------------------------------------------------------------------------------------
-    # BlendMask head (BlendMaskHead): bases from FPN levels, per-ROI attentions, blender.
-    # ---------------------------------------------------------------------------------------
+    # ---- BlendMask head (BlendMaskHead) ------------------------------------------------------
     _C.MODEL.BLENDMASK = CN()
     # Number of bases K.
     _C.MODEL.BLENDMASK.NUM_BASES = 4
@@ -91,25 +91,22 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.BLENDMASK.BOTTOM_RESOLUTION = 56
     # Upsampling of attentions from M to R: "bilinear" or "nearest".
     _C.MODEL.BLENDMASK.TOP_INTERP = "bilinear"
-    # FPN levels fused by the bottom module (at the first one's resolution, output at stride 4).
+    # FPN levels fused by the bottom module (bases at half the first level's stride).
     _C.MODEL.BLENDMASK.BOTTOM_IN_FEATURES = ["p3", "p4", "p5"]
     # Channels of the bottom module's convs.
     _C.MODEL.BLENDMASK.BOTTOM_CONV_DIM = 128
     # 3x3 convs in the bottom module's tower (before its x2 upsampling).
     _C.MODEL.BLENDMASK.BOTTOM_NUM_CONVS = 3
-    # Norm of the bottom module: "BN", "SyncBN", "GN" or "" (BN works on one device and CPU).
+    # Norm of the bottom module and seg head: "BN", "SyncBN", "GN" or "" (none).
     _C.MODEL.BLENDMASK.NORM = "BN"
-    # 3x3 convs of the top (attention) network on the RoIAligned box features.
+    # 3x3 convs of the attention network on the RoIAligned box features.
     _C.MODEL.BLENDMASK.ATTN_NUM_CONVS = 2
     # Channels of the attention network's convs.
     _C.MODEL.BLENDMASK.ATTN_CONV_DIM = 128
-    # Weight of the auxiliary per-pixel semantic loss on the bottom module (AdelaiDet: 0.3);
-    # pixels of classes without masks are ignored. 0 disables it.
+    # Weight of the auxiliary semantic loss (AdelaiDet: 0.3; mask-less boxes ignored; 0 = off).
     _C.MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT = 0.3
 
-    # ---------------------------------------------------------------------------------------
-    # MaskLab head (MaskLabHead). See masklab_d2/layers/masklab.py for the open choices.
-    # ---------------------------------------------------------------------------------------
+    # ---- MaskLab head (MaskLabHead; open choices documented in layers/masklab.py) -----------
     _C.MODEL.MASKLAB = CN()
     # Maps the semantic / direction branch reads: FPN levels (merged) or ["res5"] (C4).
     _C.MODEL.MASKLAB.DENSE_IN_FEATURES = ["p2", "p3", "p4", "p5"]
@@ -143,7 +140,7 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.MASKLAB.REFINE_KERNEL_SIZE = 5
     # Weight of the coarse mask's sigmoid BCE (the refined mask's is 1).
     _C.MODEL.MASKLAB.COARSE_LOSS_WEIGHT = 1.0
-    # Weight of an auxiliary per-pixel semantic loss on the dense logits (0 = off; see README).
+    # Weight of the auxiliary per-pixel semantic loss on the dense logits (0 = off).
     _C.MODEL.MASKLAB.SEMANTIC_LOSS_WEIGHT = 0.0
-    # Weight of an auxiliary per-pixel direction loss on the dense logits (0 = off; see README).
+    # Weight of the auxiliary per-pixel direction loss on the dense logits (0 = off).
     _C.MODEL.MASKLAB.DIRECTION_LOSS_WEIGHT = 0.0

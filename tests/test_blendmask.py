@@ -9,20 +9,19 @@ pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import masklab_d2.data  # noqa: E402,F401  (dataset registration)
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
-from masklab_d2.config import add_masklab_config  # noqa: E402
+from masklab_d2.config import load_config  # noqa: E402
 from masklab_d2.data import PartialMaskDatasetMapper  # noqa: E402
 from masklab_d2.layers.blender import SEMANTIC_IGNORE_INDEX  # noqa: E402
 from masklab_d2.modeling.blendmask_head import BlendMaskHead, semantic_targets  # noqa: E402
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+from helpers import CONFIGS, image_instances, tiny_cfg  # noqa: E402
 SHAPES_CONFIGS = [
     "shapes/blendmask_R_18_FPN.yaml",
     "shapes-partial/blendmask_R_18_FPN.yaml",
@@ -34,40 +33,6 @@ COCO_CONFIGS = [
     "coco-voc-nonvoc/blendmask_R_50_FPN_1x_nonvoc_to_voc.yaml",
 ]
 GT_CROP = "shapes-partial/blendmask_R_18_FPN_gtcrop.yaml"
-
-
-def tiny_cfg(config=GT_CROP, **overrides):
-    """A BlendMask config shrunk for fast CPU tests (tests/test_protocol.py's pattern)."""
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, config))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.DATASETS.TRAIN = ("shapes_tiny_train",)
-    cfg.DATASETS.TEST = ("shapes_tiny_val",)
-    cfg.INPUT.MIN_SIZE_TRAIN = (128,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 128
-    cfg.INPUT.MIN_SIZE_TEST = 128
-    cfg.INPUT.MAX_SIZE_TEST = 128
-    cfg.merge_from_list([x for kv in overrides.items() for x in kv])
-    return cfg
-
-
-def _image_instances(height=96, width=96, polygons=False):
-    """A masked square (class 0) and a mask-less box (class 9, empty placeholder mask)."""
-    masks = torch.zeros(2, height, width, dtype=torch.bool)
-    masks[0, 10:40, 12:44] = True
-    instances = Instances((height, width))
-    instances.gt_boxes = Boxes(torch.tensor([[12.0, 10.0, 44.0, 40.0], [50.0, 52.0, 90.0, 88.0]]))
-    instances.gt_classes = torch.tensor([0, 9])
-    if polygons:
-        square = [12.0, 10.0, 44.0, 10.0, 44.0, 40.0, 12.0, 40.0]
-        box = [50.0, 52.0, 90.0, 52.0, 90.0, 88.0, 50.0, 88.0]
-        instances.gt_masks = PolygonMasks([[square], [box]])
-    else:
-        instances.gt_masks = BitMasks(masks)
-    instances.gt_has_mask = torch.tensor([True, False])
-    return instances
 
 
 def _train_step(model, batch):
@@ -128,7 +93,7 @@ def test_shapes_configs_train_with_partial_masks_and_infer_image_size_masks(conf
 
 @pytest.mark.parametrize("polygons", [False, True])
 def test_semantic_target_ignores_exactly_the_maskless_boxes(polygons):
-    targets = semantic_targets([_image_instances(polygons=polygons)], size=(14, 13), stride=8)
+    targets = semantic_targets([image_instances(polygons=polygons)], size=(14, 13), stride=8)
     assert targets.shape == (1, 14, 13)
     target = targets[0]
     maskless = _cells_in_box((50.0, 52.0, 90.0, 88.0), (14, 13), 8)
@@ -139,17 +104,17 @@ def test_semantic_target_ignores_exactly_the_maskless_boxes(polygons):
 
 
 def test_semantic_loss_is_finite_and_blind_to_maskless_instances():
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(GT_CROP)
     torch.manual_seed(0)
     head = build_model(cfg).roi_heads.mask_head.train()
     features = {
         f: torch.randn(1, 64, 96 // s, 96 // s)
         for f, s in (("p2", 4), ("p3", 8), ("p4", 16), ("p5", 32))
     }
-    both = _image_instances()
+    both = image_instances()
     loss = head.semantic_loss(features, [both])
     assert math.isfinite(loss.item()) and loss.item() > 0
-    relabelled = _image_instances()
+    relabelled = image_instances()
     relabelled.gt_classes = torch.tensor([0, 3])  # another class for the mask-less instance
     relabelled.gt_masks.tensor[1, 52:88, 50:90] = True  # and a placeholder that is not empty
     assert head.semantic_loss(features, [relabelled]).item() == pytest.approx(loss.item(), rel=1e-6)
@@ -169,9 +134,9 @@ def test_semantic_loss_is_finite_and_blind_to_maskless_instances():
 
 @pytest.mark.parametrize("gt_crop", [True, False])
 def test_batch_without_any_mask_trains_with_zero_mask_loss(gt_crop):
-    cfg = tiny_cfg(**{"MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": gt_crop})
+    cfg = tiny_cfg(GT_CROP, **{"MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": gt_crop})
     model = build_model(cfg)
-    targets = [_image_instances(), _image_instances()]
+    targets = [image_instances(), image_instances()]
     for t in targets:
         t.gt_has_mask[:] = False
     batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": t} for t in targets]
@@ -182,11 +147,11 @@ def test_batch_without_any_mask_trains_with_zero_mask_loss(gt_crop):
 
 
 def test_mask_loss_ignores_maskless_instances():
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(GT_CROP)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     image = torch.rand(3, 96, 96) * 255
-    both = _image_instances()
+    both = image_instances()
     with EventStorage():
         loss_both = model([{"image": image, "instances": both}])["loss_mask"]
         loss_masked = model([{"image": image, "instances": both[both.gt_has_mask]}])["loss_mask"]
@@ -196,7 +161,7 @@ def test_mask_loss_ignores_maskless_instances():
 @pytest.mark.parametrize("resolution,num_bases", [(28, 1), (112, 8)])
 def test_head_sweeps_and_zero_detections(resolution, num_bases):
     cfg = tiny_cfg(
-        **{"MODEL.BLENDMASK.BOTTOM_RESOLUTION": resolution, "MODEL.BLENDMASK.NUM_BASES": num_bases}
+        GT_CROP, **{"MODEL.BLENDMASK.BOTTOM_RESOLUTION": resolution, "MODEL.BLENDMASK.NUM_BASES": num_bases}
     )
     head = build_model(cfg).roi_heads.mask_head.eval()
     features = {
@@ -221,36 +186,32 @@ def test_head_sweeps_and_zero_detections(resolution, num_bases):
 
 
 def test_semantic_loss_weight_zero_builds_no_seg_head():
-    cfg = tiny_cfg(**{"MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT": 0.0})
+    cfg = tiny_cfg(GT_CROP, **{"MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT": 0.0})
     model = build_model(cfg)
     head = model.roi_heads.mask_head
     assert head.seg_head is None and not head.uses_image_targets
     losses = _train_step(
-        model, [{"image": torch.rand(3, 96, 96) * 255, "instances": _image_instances()}]
+        model, [{"image": torch.rand(3, 96, 96) * 255, "instances": image_instances()}]
     )
     assert "loss_basis_sem" not in losses and math.isfinite(losses["loss_mask"].item())
 
 
 def test_bottom_features_must_reach_the_head():
-    cfg = tiny_cfg(**{"MODEL.ROI_MASK_HEAD.IN_FEATURES": ["p4", "p5"]})
+    cfg = tiny_cfg(GT_CROP, **{"MODEL.ROI_MASK_HEAD.IN_FEATURES": ["p4", "p5"]})
     with pytest.raises(ValueError, match="BOTTOM_IN_FEATURES"):
         build_model(cfg)
 
 
 @pytest.mark.parametrize("config", COCO_CONFIGS)
 def test_coco_configs_build_and_train_one_step(config):
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, config))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
+    cfg = load_config(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     assert cfg.MODEL.ROI_MASK_HEAD.NAME == "BlendMaskHead"
     torch.manual_seed(0)
     model = build_model(cfg)
     head = model.roi_heads.mask_head
     assert head.bases_stride == 4 and head.attn_in_features == ["p2", "p3", "p4", "p5"]
     losses = _train_step(
-        model, [{"image": torch.rand(3, 96, 128) * 255, "instances": _image_instances(96, 128)}]
+        model, [{"image": torch.rand(3, 96, 128) * 255, "instances": image_instances(96, 128)}]
     )
     assert math.isfinite(losses["loss_mask"].item()) and math.isfinite(
         losses["loss_basis_sem"].item()

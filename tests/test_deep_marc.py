@@ -23,7 +23,7 @@ from test_hourglass import EXPECTED_PARAMS, expected_predictor_params  # noqa: E
 from torch import nn  # noqa: E402
 
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
-from masklab_d2.config import add_masklab_config  # noqa: E402
+from masklab_d2.config import add_masklab_config, load_config  # noqa: E402
 from masklab_d2.data import PartialMaskDatasetMapper  # noqa: E402
 from masklab_d2.layers import crop_and_resize  # noqa: E402
 from masklab_d2.layers.hourglass import (  # noqa: E402
@@ -34,7 +34,7 @@ from masklab_d2.layers.hourglass import (  # noqa: E402
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead, ResNetMaskHead  # noqa: E402
 from masklab_d2.tools import profile_heads  # noqa: E402
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+from helpers import CONFIGS, tiny_cfg  # noqa: E402
 SHAPES_CONFIGS = sorted(
     glob.glob(os.path.join(CONFIGS, "shapes", "deep_marc_*.yaml"))
     + glob.glob(os.path.join(CONFIGS, "shapes-partial", "deep_marc_*.yaml"))
@@ -62,26 +62,6 @@ def head_cfg(network, cls_agnostic=True, num_classes=80, num_filters=64):
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.MODEL.DEEP_MARC.NETWORK = network
     cfg.MODEL.DEEP_MARC.NUM_FILTERS = num_filters
-    return cfg
-
-
-def tiny_cfg(config_file, **overrides):
-    """A config shrunk for fast CPU tests: 128 px, the tiny shapes splits, batch 2."""
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.DATASETS.TRAIN = ("shapes_tiny_train",)
-    cfg.DATASETS.TEST = ("shapes_tiny_val",)
-    cfg.INPUT.MIN_SIZE_TRAIN = (128,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 128
-    cfg.INPUT.MIN_SIZE_TEST = 128
-    cfg.INPUT.MAX_SIZE_TEST = 128
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SEED = 0
-    cfg.merge_from_list([x for kv in overrides.items() for x in kv])
     return cfg
 
 
@@ -244,10 +224,7 @@ def test_shapes_config_trains_and_predicts(config_file):
 @pytest.mark.parametrize("config_file", COCO_CONFIGS, ids=_name)
 def test_coco_config_builds_and_trains_one_step(config_file):
     torch.manual_seed(0)
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    cfg = load_config(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     assert cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE == "ROIAlignV2"
     assert cfg.MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES and cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
     model = build_model(cfg)
@@ -315,8 +292,9 @@ def test_profile_heads_smoke(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| shapes")]
     assert len(rows) == 2
     assert "mask_rcnn_R_18_FPN.yaml" in rows[0] and "MaskRCNNConvUpsampleHead" in rows[0]
-    assert "hourglass52_gtcrop.yaml" in rows[1] and "hourglass52, nc=32" in rows[1]
-    assert "RoIs 64x16x16" in rows[1]
+    assert "hourglass52_gtcrop.yaml" in rows[1] and "network=hourglass52" in rows[1]
+    # Pooled heads are profiled with their pooler, as the ROI heads run them.
+    assert "CropAndResize 16 on p2,p3,p4,p5" in rows[1]
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -340,9 +318,9 @@ def test_profile_heads_feature_dict_head_and_crop_flops():
     config = os.path.join(CONFIGS, "shapes", "mask_rcnn_R_18_FPN.yaml")
     entry = config + "@MODEL.ROI_MASK_HEAD.NAME=_DictInputTestHead@MODEL.ROI_MASK_HEAD.POOLER_TYPE="
     (row,) = profile_heads.profile_config(
-        entry, [], [3], ["cpu"], repeat=1, warmup=0, image_size=256
+        entry, [], [3], ["cpu"], repeat=1, warmup=0, image_size=(256, 256)
     )
-    assert row["input"].startswith("features p2") and row["params"] == 64 + 1
+    assert row["input"] == "p2,p3,p4,p5" and row["params"] == 64 + 1
     crop = 4 * 3 * 64 * 14 * 14  # bilinear: 4 multiply-adds per output element and channel
     conv = 3 * 64 * 14 * 14  # 1x1 conv, 64 -> 1
     assert row["gflops"][3] * 1e9 == pytest.approx(crop + conv)

@@ -183,7 +183,7 @@ def test_shapes_config_trains_and_infers(config):
     from detectron2.utils.events import EventStorage
 
     from masklab_d2.data import PartialMaskDatasetMapper
-    from test_protocol import tiny_cfg
+    from helpers import tiny_cfg
 
     torch.manual_seed(0)
     cfg = tiny_cfg(config, **{"SOLVER.IMS_PER_BATCH": 2, "DATALOADER.NUM_WORKERS": 0, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32})
@@ -210,14 +210,14 @@ def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from test_protocol import _image_instances, tiny_cfg
+    from helpers import image_instances, tiny_cfg
 
     cfg = tiny_cfg(os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml"))
     model = build_model(cfg)
     model.train()
     head = model.roi_heads.mask_head
     head.keep_intermediates = True
-    batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": _image_instances()}]
+    batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": image_instances()}]
     with EventStorage():
         losses = model(batch)
     sum(losses.values()).backward()
@@ -239,7 +239,7 @@ def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from test_protocol import _image_instances, tiny_cfg
+    from helpers import image_instances, tiny_cfg
 
     cfg = tiny_cfg(
         os.path.join(CONFIGS, "shapes-partial", "masklab_R_18_FPN_gtcrop.yaml"),
@@ -248,7 +248,7 @@ def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
     model = build_model(cfg)
     model.train()
     assert model.roi_heads.mask_head.uses_image_targets
-    targets = _image_instances()
+    targets = image_instances()
     with EventStorage():
         losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": targets}])
     assert losses["loss_semantic"] > 0 and losses["loss_direction"] > 0
@@ -268,24 +268,19 @@ def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
 )
 def test_coco_configs_build_and_train_one_step(config):
     _d2()
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from masklab_d2.config import add_masklab_config
-    from test_protocol import _image_instances
+    from helpers import image_instances
+    from masklab_d2.config import load_config
 
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, config))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(os.path.join(CONFIGS, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 50
     model = build_model(cfg)
     model.train()
     with EventStorage():
-        losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": _image_instances()}])
+        losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": image_instances()}])
     assert torch.isfinite(sum(losses.values()))
 
 
@@ -304,7 +299,7 @@ def test_offset_network_learns_at_its_lr_factor():
     from detectron2.modeling import build_model
 
     import train_net
-    from test_protocol import tiny_cfg
+    from helpers import tiny_cfg
 
     cfg = tiny_cfg(os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml"))
     model = build_model(cfg)

@@ -1,22 +1,19 @@
 """The partially supervised protocol under detectron2: mapper, ROI heads, freezing, bad input."""
 import json
-import os
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
-from masklab_d2.config import add_masklab_config  # noqa: E402
+from helpers import image_instances, tiny_cfg  # noqa: E402
 from masklab_d2.data import (  # noqa: E402
     PartialMaskDatasetMapper,
     check_coco_json,
@@ -27,43 +24,15 @@ from masklab_d2.data.datasets import DatasetFormatError, check_mask_supervision 
 from masklab_d2.modeling import freeze_detector  # noqa: E402
 from masklab_d2.modeling.roi_heads import PartialROIHeads  # noqa: E402
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
-
-
-def tiny_cfg(config_file=CONFIG, **overrides):
-    """A shapes config shrunk for fast CPU tests."""
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.DATASETS.TRAIN = ("shapes_tiny_train",)
-    cfg.DATASETS.TEST = ("shapes_tiny_val",)
-    cfg.INPUT.MIN_SIZE_TRAIN = (128,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 128
-    cfg.INPUT.MIN_SIZE_TEST = 128
-    cfg.INPUT.MAX_SIZE_TEST = 128
-    cfg.merge_from_list([x for kv in overrides.items() for x in kv])
-    return cfg
-
-
-def _image_instances(height=96, width=96):
-    """Two ground-truth instances: a masked square (class 0) and a mask-less box (class 9)."""
-    masks = torch.zeros(2, height, width, dtype=torch.bool)
-    masks[0, 10:40, 12:44] = True
-    instances = Instances((height, width))
-    instances.gt_boxes = Boxes(torch.tensor([[12.0, 10.0, 44.0, 40.0], [50.0, 52.0, 90.0, 88.0]]))
-    instances.gt_classes = torch.tensor([0, 9])
-    instances.gt_masks = BitMasks(masks)
-    instances.gt_has_mask = torch.tensor([True, False])
-    return instances
+CONFIG = "shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml"
 
 
 def test_gt_box_training_uses_each_masked_instance_once():
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(CONFIG)
     model = build_model(cfg)
     roi_heads = model.roi_heads
     assert isinstance(roi_heads, PartialROIHeads) and roi_heads.train_mask_on_gt_boxes
-    targets = [_image_instances(), _image_instances()]
+    targets = [image_instances(), image_instances()]
     targets[1].gt_has_mask[:] = False
     selected = roi_heads._mask_training_instances([], targets)
     assert [len(x) for x in selected] == [1, 0]
@@ -72,7 +41,7 @@ def test_gt_box_training_uses_each_masked_instance_once():
 
 
 def test_proposal_training_drops_maskless_matches():
-    cfg = tiny_cfg(**{"MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": False})
+    cfg = tiny_cfg(CONFIG, **{"MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": False})
     roi_heads = build_model(cfg).roi_heads
     proposals = Instances((96, 96))
     proposals.proposal_boxes = Boxes(torch.tensor([[12.0, 10.0, 44.0, 41.0], [50.0, 50.0, 90.0, 88.0], [0.0, 0.0, 5.0, 5.0]]))
@@ -84,10 +53,10 @@ def test_proposal_training_drops_maskless_matches():
 
 @pytest.mark.parametrize("gt_crop", [True, False])
 def test_images_without_any_mask_train_and_give_zero_mask_loss(gt_crop):
-    cfg = tiny_cfg(**{"MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": gt_crop})
+    cfg = tiny_cfg(CONFIG, **{"MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": gt_crop})
     model = build_model(cfg)
     model.train()
-    targets = _image_instances()
+    targets = image_instances()
     targets.gt_has_mask[:] = False
     batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": targets}]
     with EventStorage():
@@ -99,12 +68,12 @@ def test_images_without_any_mask_train_and_give_zero_mask_loss(gt_crop):
 
 def test_mask_loss_ignores_maskless_instances():
     """The mask loss on a masked + mask-less image equals the loss on the masked one alone."""
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(CONFIG)
     model = build_model(cfg)
     model.train()
     torch.manual_seed(0)
     image = torch.rand(3, 96, 96) * 255
-    both = _image_instances()
+    both = image_instances()
     only_masked = both[both.gt_has_mask]
     with EventStorage():
         loss_both = model([{"image": image, "instances": both}])["loss_mask"]
@@ -113,13 +82,13 @@ def test_mask_loss_ignores_maskless_instances():
 
 
 def test_freeze_detector_trains_only_the_mask_branch():
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(CONFIG)
     model = freeze_detector(build_model(cfg))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("roi_heads.mask_") for n in trainable)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
     model.train()
-    batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": _image_instances()}]
+    batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": image_instances()}]
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     with EventStorage():
         sum(model(batch).values()).backward()
@@ -129,7 +98,7 @@ def test_freeze_detector_trains_only_the_mask_branch():
 
 
 def test_mapper_flags_masks_by_class():
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(CONFIG)
     metadata = MetadataCatalog.get("shapes_tiny_train")
     voc = set(resolve_class_selection("voc", metadata.thing_classes, metadata.class_groups))
     assert mask_train_class_ids(cfg) == sorted(voc)
@@ -148,7 +117,7 @@ def test_mapper_flags_masks_by_class():
 
 
 def test_unknown_mask_class_names_are_rejected():
-    cfg = tiny_cfg(**{"DATASETS.MASK_TRAIN_CLASSES": "voc,dodecahedron"})
+    cfg = tiny_cfg(CONFIG, **{"DATASETS.MASK_TRAIN_CLASSES": "voc,dodecahedron"})
     with pytest.raises(ValueError, match="dodecahedron.*Valid"):
         mask_train_class_ids(cfg)
 
@@ -191,13 +160,13 @@ def test_undecodable_image_is_skipped_in_training_and_an_error_in_evaluation(tmp
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     record = {"file_name": str(bad), "height": 10, "width": 10, "image_id": 0, "annotations": []}
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(CONFIG)
     assert PartialMaskDatasetMapper(cfg, is_train=True)(dict(record)) is None
     with pytest.raises(RuntimeError, match="cannot read image .*broken.jpg"):
         PartialMaskDatasetMapper(cfg, is_train=False)(dict(record))
 
 
 def test_conflicting_box_choices_are_rejected():
-    cfg = tiny_cfg(**{"MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": True})
+    cfg = tiny_cfg(CONFIG, **{"MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": True})
     with pytest.raises(ValueError, match="set only one"):
         build_model(cfg)

@@ -8,7 +8,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <tuple>
@@ -26,54 +25,68 @@ inline int64_t num_blocks(int64_t work) {
   return std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(1) << 20);
 }
 
-template <typename acc_t, bool kDeformable>
-__device__ __forceinline__ BoxGeometry<acc_t> box_geometry(
-    const acc_t* boxes,
-    const acc_t* offsets,
-    int64_t box,
-    int64_t grid,
-    acc_t spatial_scale,
-    bool aligned,
-    acc_t gamma) {
-  return BoxGeometry<acc_t>(
-      boxes + box * 5,
-      spatial_scale,
-      aligned,
-      kDeformable ? offsets + box * 2 * grid * grid : nullptr,
-      grid,
-      gamma);
-}
+// Everything a kernel needs besides its tensors, passed by value.
+template <typename acc_t>
+struct SamplingParams {
+  const acc_t* boxes;    // [K, 5]
+  const acc_t* offsets;  // [K, 2, G, G] or nullptr
+  int64_t grid, channels, height, width, out_h, out_w;
+  acc_t spatial_scale, gamma;
+  bool aligned;
+
+  SamplingParams(
+      const at::Tensor& boxes_opmath,
+      const at::Tensor& offsets_opmath,
+      at::IntArrayRef feature_sizes,
+      const SamplingSpec& spec)
+      : boxes(boxes_opmath.const_data_ptr<acc_t>()),
+        offsets(offsets_opmath.defined() ? offsets_opmath.const_data_ptr<acc_t>() : nullptr),
+        grid(offsets_opmath.defined() ? offsets_opmath.size(2) : 1),
+        channels(feature_sizes[1]),
+        height(feature_sizes[2]),
+        width(feature_sizes[3]),
+        out_h(spec.out_h),
+        out_w(spec.out_w),
+        spatial_scale(static_cast<acc_t>(spec.spatial_scale)),
+        gamma(static_cast<acc_t>(spec.gamma)),
+        aligned(spec.aligned) {}
+
+  // The bilinear sample (i, j) of ``box`` and the offset of its feature plane for ``channel``.
+  template <bool kDeformable>
+  __device__ __forceinline__ BilinearSample<acc_t> sample(
+      int64_t box, int64_t channel, int64_t i, int64_t j, int64_t& plane_offset) const {
+    const BoxGeometry<acc_t> geometry(
+        boxes + box * 5,
+        spatial_scale,
+        aligned,
+        kDeformable ? offsets + box * 2 * grid * grid : nullptr,
+        grid,
+        gamma);
+    acc_t y, x;
+    geometry.position(i, j, out_h, out_w, y, x);
+    BilinearSample<acc_t> result;
+    result.setup(y, x, height, width);
+    plane_offset = (geometry.batch_index * channels + channel) * height * width;
+    return result;
+  }
+};
 
 // One thread per output element (box, channel, i, j).
 template <typename scalar_t, typename acc_t, bool kDeformable>
 __global__ void forward_kernel(
     int64_t total,
     const scalar_t* __restrict__ features,
-    const acc_t* __restrict__ boxes,
-    const acc_t* __restrict__ offsets,
-    int64_t grid,
-    int64_t channels,
-    int64_t height,
-    int64_t width,
-    int64_t out_h,
-    int64_t out_w,
-    acc_t spatial_scale,
-    bool aligned,
-    acc_t gamma,
+    SamplingParams<acc_t> params,
     scalar_t* __restrict__ output) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t j = index % out_w;
-    const int64_t i = (index / out_w) % out_h;
-    const int64_t c = (index / (out_w * out_h)) % channels;
-    const int64_t box = index / (out_w * out_h * channels);
-    const auto geometry = box_geometry<acc_t, kDeformable>(
-        boxes, offsets, box, grid, spatial_scale, aligned, gamma);
-    acc_t y, x;
-    geometry.position(i, j, out_h, out_w, y, x);
-    BilinearSample<acc_t> sample;
-    sample.setup(y, x, height, width);
-    const scalar_t* plane = features + (geometry.batch_index * channels + c) * height * width;
+    const int64_t j = index % params.out_w;
+    const int64_t i = (index / params.out_w) % params.out_h;
+    const int64_t rows = index / (params.out_w * params.out_h);
+    int64_t plane_offset;
+    const auto sample = params.template sample<kDeformable>(
+        rows / params.channels, rows % params.channels, i, j, plane_offset);
+    const scalar_t* plane = features + plane_offset;
     acc_t value = 0;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -83,39 +96,26 @@ __global__ void forward_kernel(
   }
 }
 
+// One thread per grad_output element, scattering into the feature gradient.
 template <typename scalar_t, typename acc_t, bool kDeformable>
 __global__ void backward_features_kernel(
     int64_t total,
     const scalar_t* __restrict__ grad_output,
-    const acc_t* __restrict__ boxes,
-    const acc_t* __restrict__ offsets,
-    int64_t grid,
-    int64_t channels,
-    int64_t height,
-    int64_t width,
-    int64_t out_h,
-    int64_t out_w,
-    acc_t spatial_scale,
-    bool aligned,
-    acc_t gamma,
+    SamplingParams<acc_t> params,
     acc_t* __restrict__ grad_features) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t j = index % out_w;
-    const int64_t i = (index / out_w) % out_h;
-    const int64_t c = (index / (out_w * out_h)) % channels;
-    const int64_t box = index / (out_w * out_h * channels);
-    const auto geometry = box_geometry<acc_t, kDeformable>(
-        boxes, offsets, box, grid, spatial_scale, aligned, gamma);
-    acc_t y, x;
-    geometry.position(i, j, out_h, out_w, y, x);
-    BilinearSample<acc_t> sample;
-    sample.setup(y, x, height, width);
+    const int64_t j = index % params.out_w;
+    const int64_t i = (index / params.out_w) % params.out_h;
+    const int64_t rows = index / (params.out_w * params.out_h);
+    int64_t plane_offset;
+    const auto sample = params.template sample<kDeformable>(
+        rows / params.channels, rows % params.channels, i, j, plane_offset);
     if (!sample.inside) {
       continue;
     }
     const acc_t g_value = static_cast<acc_t>(grad_output[index]);
-    acc_t* plane = grad_features + (geometry.batch_index * channels + c) * height * width;
+    acc_t* plane = grad_features + plane_offset;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       if (sample.present[q]) {
@@ -132,41 +132,26 @@ __global__ void backward_positions_kernel(
     int64_t total,
     const scalar_t* __restrict__ grad_output,
     const scalar_t* __restrict__ features,
-    const acc_t* __restrict__ boxes,
-    const acc_t* __restrict__ offsets,
-    int64_t grid,
-    int64_t channels,
-    int64_t height,
-    int64_t width,
-    int64_t out_h,
-    int64_t out_w,
-    acc_t spatial_scale,
-    bool aligned,
-    acc_t gamma,
+    SamplingParams<acc_t> params,
     acc_t* __restrict__ grad_positions) {
+  const int64_t num_samples = params.out_h * params.out_w;
+  const int64_t plane_size = params.height * params.width;
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t j = index % out_w;
-    const int64_t i = (index / out_w) % out_h;
-    const int64_t box = index / (out_w * out_h);
-    const auto geometry = box_geometry<acc_t, kDeformable>(
-        boxes, offsets, box, grid, spatial_scale, aligned, gamma);
-    acc_t y, x;
-    geometry.position(i, j, out_h, out_w, y, x);
-    BilinearSample<acc_t> sample;
-    sample.setup(y, x, height, width);
+    const int64_t s = index % num_samples;
+    const int64_t box = index / num_samples;
+    int64_t plane_offset;
+    const auto sample = params.template sample<kDeformable>(
+        box, 0, s / params.out_w, s % params.out_w, plane_offset);
     acc_t grad_y = 0, grad_x = 0;
     if (sample.inside) {
-      const int64_t num_samples = out_h * out_w;
-      const int64_t s = i * out_w + j;
-      for (int64_t c = 0; c < channels; ++c) {
-        const scalar_t* plane = features + (geometry.batch_index * channels + c) * height * width;
+      for (int64_t c = 0; c < params.channels; ++c) {
         acc_t values[4];
-        sample.corners(plane, values);
+        sample.corners(features + plane_offset + c * plane_size, values);
         acc_t dvalue_dy, dvalue_dx;
         sample.position_gradient(values, dvalue_dy, dvalue_dx);
         const acc_t g_value =
-            static_cast<acc_t>(grad_output[(box * channels + c) * num_samples + s]);
+            static_cast<acc_t>(grad_output[(box * params.channels + c) * num_samples + s]);
         grad_y += g_value * dvalue_dy;
         grad_x += g_value * dvalue_dx;
       }
@@ -184,117 +169,65 @@ at::Tensor forward(
     const SamplingSpec& spec) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto features = features_any_layout.contiguous();
-  const int64_t channels = features.size(1);
   auto output =
-      at::empty({boxes.size(0), channels, spec.out_h, spec.out_w}, features.options());
+      at::empty({boxes.size(0), features.size(1), spec.out_h, spec.out_w}, features.options());
   const int64_t total = output.numel();
-  if (total == 0) {
-    return output;
-  }
-  forward_kernel<scalar_t, acc_t, kDeformable>
-      <<<num_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          total,
-          features.const_data_ptr<scalar_t>(),
-          boxes.const_data_ptr<acc_t>(),
-          kDeformable ? offsets.const_data_ptr<acc_t>() : nullptr,
-          kDeformable ? offsets.size(2) : 1,
-          channels,
-          features.size(2),
-          features.size(3),
-          spec.out_h,
-          spec.out_w,
-          static_cast<acc_t>(spec.spatial_scale),
-          spec.aligned,
-          static_cast<acc_t>(spec.gamma),
-          output.mutable_data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return output;
-}
-
-template <typename scalar_t, bool kDeformable>
-at::Tensor backward_features(
-    const at::Tensor& grad_output,
-    const at::Tensor& boxes,
-    const at::Tensor& offsets,
-    at::IntArrayRef feature_sizes,
-    const SamplingSpec& spec) {
-  using acc_t = at::opmath_type<scalar_t>;
-  auto grad_acc = at::zeros(feature_sizes, grad_output.options().dtype(
-      at::toOpMathType(grad_output.scalar_type())));
-  const int64_t total = grad_output.numel();
   if (total > 0) {
-    backward_features_kernel<scalar_t, acc_t, kDeformable>
+    forward_kernel<scalar_t, acc_t, kDeformable>
         <<<num_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             total,
-            grad_output.const_data_ptr<scalar_t>(),
-            boxes.const_data_ptr<acc_t>(),
-            kDeformable ? offsets.const_data_ptr<acc_t>() : nullptr,
-            kDeformable ? offsets.size(2) : 1,
-            feature_sizes[1],
-            feature_sizes[2],
-            feature_sizes[3],
-            spec.out_h,
-            spec.out_w,
-            static_cast<acc_t>(spec.spatial_scale),
-            spec.aligned,
-            static_cast<acc_t>(spec.gamma),
-            grad_acc.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return grad_acc.to(grad_output.scalar_type());
-}
-
-template <typename scalar_t, bool kDeformable>
-at::Tensor backward_positions(
-    const at::Tensor& grad_output,
-    const at::Tensor& features,
-    const at::Tensor& boxes,
-    const at::Tensor& offsets,
-    const SamplingSpec& spec) {
-  using acc_t = at::opmath_type<scalar_t>;
-  auto grad_positions = at::empty({boxes.size(0), spec.out_h, spec.out_w, 2}, boxes.options());
-  const int64_t total = boxes.size(0) * spec.out_h * spec.out_w;
-  if (total > 0) {
-    backward_positions_kernel<scalar_t, acc_t, kDeformable>
-        <<<num_blocks(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            total,
-            grad_output.const_data_ptr<scalar_t>(),
             features.const_data_ptr<scalar_t>(),
-            boxes.const_data_ptr<acc_t>(),
-            kDeformable ? offsets.const_data_ptr<acc_t>() : nullptr,
-            kDeformable ? offsets.size(2) : 1,
-            features.size(1),
-            features.size(2),
-            features.size(3),
-            spec.out_h,
-            spec.out_w,
-            static_cast<acc_t>(spec.spatial_scale),
-            spec.aligned,
-            static_cast<acc_t>(spec.gamma),
-            grad_positions.mutable_data_ptr<acc_t>());
+            SamplingParams<acc_t>(boxes, offsets, features.sizes(), spec),
+            output.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return grad_positions;
+  return output;
 }
 
 // Same contract as cpu::backward.
 template <typename scalar_t, bool kDeformable>
 std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output,
-    const at::Tensor& features,
+    const at::Tensor& features_any_layout,
     const at::Tensor& boxes,
     const at::Tensor& offsets,
     const SamplingSpec& spec,
     bool features_grad,
     bool positions_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const SamplingParams<acc_t> params(boxes, offsets, features_any_layout.sizes(), spec);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor grad_features, grad_positions;
   if (features_grad) {
-    grad_features = backward_features<scalar_t, kDeformable>(
-        grad_output, boxes, offsets, features.sizes(), spec);
+    auto grad_acc = at::zeros(
+        features_any_layout.sizes(),
+        grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type())));
+    const int64_t total = grad_output.numel();
+    if (total > 0) {
+      backward_features_kernel<scalar_t, acc_t, kDeformable>
+          <<<num_blocks(total), kThreads, 0, stream>>>(
+              total,
+              grad_output.const_data_ptr<scalar_t>(),
+              params,
+              grad_acc.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    grad_features = grad_acc.to(grad_output.scalar_type());
   }
   if (positions_grad) {
-    grad_positions = backward_positions<scalar_t, kDeformable>(
-        grad_output, features.contiguous(), boxes, offsets, spec);
+    const auto features = features_any_layout.contiguous();
+    grad_positions = at::empty({boxes.size(0), spec.out_h, spec.out_w, 2}, boxes.options());
+    const int64_t total = boxes.size(0) * spec.out_h * spec.out_w;
+    if (total > 0) {
+      backward_positions_kernel<scalar_t, acc_t, kDeformable>
+          <<<num_blocks(total), kThreads, 0, stream>>>(
+              total,
+              grad_output.const_data_ptr<scalar_t>(),
+              features.const_data_ptr<scalar_t>(),
+              params,
+              grad_positions.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   return {grad_features, grad_positions};
 }

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <tuple>
 
@@ -21,6 +22,7 @@ at::Tensor sampling_forward(
     const at::Tensor& offsets,
     const SamplingSpec& spec) {
   check_sampling_inputs(op_name, features, boxes, offsets, spec.out_h, spec.out_w);
+  const c10::DeviceGuard device_guard(features.device());
   check_box_values(op_name, boxes, offsets, features.size(0));
   const auto opmath = opmath_dtype(features);
   const auto boxes_opmath = boxes.to(opmath).contiguous();
@@ -57,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampling_backward(
       features.size(1),
       ", ...], got ",
       grad_output.sizes());
+  const c10::DeviceGuard device_guard(features.device());
   check_box_values(op_name, boxes, offsets, features.size(0));
   const auto opmath = opmath_dtype(features);
   const auto grad_contiguous = grad_output.to(features.scalar_type()).contiguous();

@@ -3,7 +3,7 @@
 // (box_w, box_h) before sampling. Gradients to features, boxes and offsets. Sampling rules:
 // common/crop_geometry.h.
 //
-// Schema (registered in masklab.cpp, implemented per device below):
+// Schema (masklab.cpp):
 //   deformable_crop_and_resize(Tensor features, Tensor boxes, Tensor offsets, float spatial_scale,
 //                              SymInt output_height, SymInt output_width, float gamma,
 //                              bool aligned) -> Tensor
@@ -11,6 +11,9 @@
 //                                        Tensor offsets, float spatial_scale, float gamma,
 //                                        bool aligned, bool[3] output_mask)
 //       -> (Tensor, Tensor, Tensor)
+//
+// The op bodies below take the kernel family (CpuKernels, CudaKernels) as a template argument;
+// deformable_crop_and_resize_cpu.cpp and _cuda.cu register them for their dispatch keys.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,9 +21,12 @@
 #include <array>
 #include <tuple>
 
+#include "common/crop_sampling_ops.h"
+
 namespace masklab {
 
-at::Tensor deformable_crop_and_resize_cpu(
+template <typename Kernels>
+at::Tensor deformable_crop_and_resize(
     const at::Tensor& features,
     const at::Tensor& boxes,
     const at::Tensor& offsets,
@@ -28,9 +34,17 @@ at::Tensor deformable_crop_and_resize_cpu(
     int64_t output_height,
     int64_t output_width,
     double gamma,
-    bool aligned);
+    bool aligned) {
+  return sampling_forward<Kernels, true>(
+      "deformable_crop_and_resize",
+      features,
+      boxes,
+      offsets,
+      SamplingSpec{spatial_scale, output_height, output_width, gamma, aligned});
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> deformable_crop_and_resize_backward_cpu(
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> deformable_crop_and_resize_backward(
     const at::Tensor& grad,
     const at::Tensor& features,
     const at::Tensor& boxes,
@@ -38,28 +52,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deformable_crop_and_resize_backwa
     double spatial_scale,
     double gamma,
     bool aligned,
-    std::array<bool, 3> output_mask);
-
-#if defined(WITH_CUDA)
-at::Tensor deformable_crop_and_resize_cuda(
-    const at::Tensor& features,
-    const at::Tensor& boxes,
-    const at::Tensor& offsets,
-    double spatial_scale,
-    int64_t output_height,
-    int64_t output_width,
-    double gamma,
-    bool aligned);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> deformable_crop_and_resize_backward_cuda(
-    const at::Tensor& grad,
-    const at::Tensor& features,
-    const at::Tensor& boxes,
-    const at::Tensor& offsets,
-    double spatial_scale,
-    double gamma,
-    bool aligned,
-    std::array<bool, 3> output_mask);
-#endif
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(
+      grad.dim() == 4, "deformable_crop_and_resize backward: grad must be 4-D, got ", grad.sizes());
+  return sampling_backward<Kernels, true>(
+      "deformable_crop_and_resize backward",
+      grad,
+      features,
+      boxes,
+      offsets,
+      SamplingSpec{spatial_scale, grad.size(2), grad.size(3), gamma, aligned},
+      output_mask[0],
+      output_mask[1] || output_mask[2]);
+}
 
 }  // namespace masklab

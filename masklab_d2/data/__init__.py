@@ -11,6 +11,7 @@ from .datasets import (  # noqa: E402
     check_coco_json,
     ensure_materialized,
     load_coco_json_checked,
+    register_coco_datasets,
     register_coco_partial,
     register_shapes_datasets,
 )

@@ -112,6 +112,23 @@ def register_coco_partial(
     )
 
 
+def register_coco_datasets(specs: Sequence[str]) -> List[str]:
+    """Registers datasets given as "NAME=JSON:IMAGE_ROOT" strings (command-line options).
+
+    Names already registered are left as they are. Returns the names.
+    """
+    names = []
+    for spec in specs or []:
+        name, _, paths = spec.partition("=")
+        json_file, _, image_root = paths.partition(":")
+        if not (name and json_file and image_root):
+            raise ValueError(f"expected NAME=JSON:IMAGE_ROOT, got {spec!r}")
+        if name not in DatasetCatalog.list():
+            register_coco_partial(name, json_file, image_root)
+        names.append(name)
+    return names
+
+
 def _load_shapes(split: str, dataset_name: str, root: Optional[str]) -> List[dict]:
     json_file, image_root = shapes.ensure_split(split, root=root)
     return load_coco_json_checked(json_file, image_root, dataset_name)

@@ -4,15 +4,14 @@
         [--detections 10 50 100] [--device cpu cuda] [--repeat 5] [--warmup 2] \
         [--markdown out.md] [--opts KEY VALUE ...]
 
-Each config's mask head is built through detectron2 from the YAML (``build_model``, random
-weights, ``MODEL.WEIGHTS`` ignored) and run in eval mode, as at inference, on one 256x256 image
-(``--image-size``) with D random detections (``pred_boxes``, ``pred_classes``, ``scores``):
-
-* heads with a pooler (``ROI_MASK_HEAD.POOLER_TYPE`` non-empty: Mask R-CNN, Deep-MARC) run alone
-  on random pooled features [D, C, R, R]; the pooler is not part of the cost;
-* heads without one (``POOLER_TYPE: ""``: MaskLab, BlendMask) run on a dict of random feature
-  maps shaped like the backbone's outputs for that image (``ROI_MASK_HEAD.IN_FEATURES``, else
-  ``ROI_HEADS.IN_FEATURES``), so whatever cropping they do is part of their cost.
+Each config's mask branch is built through detectron2 from the YAML (``build_model``, random
+weights, ``MODEL.WEIGHTS`` ignored) and run in eval mode, as at inference, on one image
+(``--image-size H [W]``, default 256) with D random detections (``pred_boxes``, ``pred_classes``,
+``scores``) and random feature maps shaped like the backbone's outputs for that image
+(``ROI_MASK_HEAD.IN_FEATURES``, else ``ROI_HEADS.IN_FEATURES``). The branch is everything the ROI
+heads run for masks: the mask pooler (RoIAlign of Mask R-CNN, Deep-MARC) and the head, or the
+head alone when it crops for itself (``POOLER_TYPE: ""``: MaskLab, BlendMask) -- so every row
+includes its cropping, and per-image work such as BlendMask's bottom module.
 
 A config entry may carry overrides for that entry alone, ``PATH@KEY=VALUE[@KEY=VALUE...]``
 (e.g. ``deep_marc_R_50_FPN_hg52_1x.yaml@MODEL.DEEP_MARC.NETWORK=hourglass20``); ``--opts``
@@ -20,7 +19,7 @@ apply to every entry.
 
 Columns:
 
-* params: parameters of the mask head module (the pooler has none).
+* params: parameters of the mask branch.
 * GFLOPs: fvcore's ``FlopCountAnalysis`` of one forward pass, in its convention: one fused
   multiply-add counts as one FLOP (so these are GMACs); convolutions, matmuls, norms and
   interpolation are counted, element-wise ops (ReLU, sigmoid, additions) are not. Added handles:
@@ -78,30 +77,25 @@ def split_config_entry(entry: str) -> Tuple[str, List[str]]:
     return path, opts
 
 
-def load_config(config_file: str, opts: Sequence[str], device: str):
-    """The detectron2 config of ``config_file`` with masklab_d2's keys and ``opts``."""
-    from detectron2.config import get_cfg
+def branch_config(config_file: str, opts: Sequence[str], device: str):
+    """The config of ``config_file`` and ``opts``, for a randomly initialised mask branch."""
+    from masklab_d2.config import load_config
 
-    from masklab_d2.config import add_masklab_config
-
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = device
     cfg.MODEL.MASK_ON = True
     return cfg
 
 
-class MaskBranch:
-    """A config's mask head with what it needs to run alone.
+class MaskBranch(nn.Module):
+    """A config's mask branch (pooler and head, or the head alone) with what it needs to run.
 
     Attributes:
-        head: the mask head module (eval mode).
+        head: the mask head module.
+        pooler: the mask pooler, or None for a head that crops for itself.
         in_features: names of the feature maps the branch reads.
         feature_shapes: backbone ShapeSpec per feature name.
-        pooled_shape: (C, H, W) of the pooled features, or None for a head without pooler.
         num_classes: ROI_HEADS.NUM_CLASSES (for random pred_classes).
     """
 
@@ -110,45 +104,53 @@ class MaskBranch:
 
         import masklab_d2.modeling  # noqa: F401  (registration)
 
+        super().__init__()
         model = build_model(cfg)
         roi_heads = model.roi_heads
         if not getattr(roi_heads, "mask_on", False):
             raise ValueError("the config's ROI heads have no mask branch")
-        self.head = roi_heads.mask_head.eval()
+        self.head = roi_heads.mask_head
+        self.pooler = roi_heads.mask_pooler
         self.in_features = list(roi_heads.mask_in_features)
         self.feature_shapes = model.backbone.output_shape()
-        pooler = roi_heads.mask_pooler
-        if pooler is not None:
-            channels = self.feature_shapes[self.in_features[0]].channels
-            self.pooled_shape = (channels, *pooler.output_size)
-        else:
-            self.pooled_shape = None
         self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         self.name = cfg.MODEL.ROI_MASK_HEAD.NAME
-        del model  # only the head is kept
+        self.pooler_description = (
+            f"{cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE} {cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION}"
+            if self.pooler is not None
+            else ""
+        )
+        self.eval()
+        del model  # only the mask branch is kept
 
     @property
     def input_description(self) -> str:
-        if self.pooled_shape is not None:
-            return "RoIs {}x{}x{}".format(*self.pooled_shape)
-        return "features " + ",".join(self.in_features)
+        features = ",".join(self.in_features)
+        return f"{self.pooler_description} on {features}" if self.pooler_description else features
+
+    def forward(self, features: Dict[str, torch.Tensor], instances):
+        """As PartialROIHeads runs the mask branch at inference."""
+        if self.pooler is not None:
+            pooled = self.pooler([features[f] for f in self.in_features], [x.pred_boxes for x in instances])
+            return self.head(pooled, instances)
+        return self.head(features, instances)
 
     def random_inputs(
-        self, num_detections: int, image_size: int, device: str, seed: int = 0
-    ) -> Tuple[object, Dict[str, torch.Tensor]]:
-        """(head input, instance fields) for one image with ``num_detections`` random boxes."""
+        self, num_detections: int, image_size: Tuple[int, int], device: str, seed: int = 0
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """(feature maps, instance fields) of one image with ``num_detections`` random boxes."""
         generator = torch.Generator().manual_seed(seed)
-        if self.pooled_shape is not None:
-            x = torch.randn(num_detections, *self.pooled_shape, generator=generator).to(device)
-        else:
-            x = {}
-            for name in self.in_features:
-                spec = self.feature_shapes[name]
-                side = -(-image_size // spec.stride)  # ceil: a padded image's feature size
-                x[name] = torch.randn(1, spec.channels, side, side, generator=generator).to(device)
-        xy = torch.rand(num_detections, 2, generator=generator) * image_size * 0.7
-        wh = torch.rand(num_detections, 2, generator=generator) * image_size * 0.45 + 8
-        boxes = torch.cat([xy, (xy + wh).clamp(max=image_size)], dim=1)
+        height, width = image_size
+        features = {}
+        for name in self.in_features:
+            spec = self.feature_shapes[name]
+            # ceil: the feature size of an image padded to the stride
+            size = (-(-height // spec.stride), -(-width // spec.stride))
+            features[name] = torch.randn(1, spec.channels, *size, generator=generator).to(device)
+        scale = torch.tensor([width, height], dtype=torch.float32)
+        xy = torch.rand(num_detections, 2, generator=generator) * scale * 0.7
+        wh = torch.rand(num_detections, 2, generator=generator) * scale * 0.45 + 8
+        boxes = torch.cat([xy, torch.minimum(xy + wh, scale)], dim=1)
         fields = {
             "pred_boxes": boxes.to(device),
             "pred_classes": torch.randint(
@@ -156,33 +158,32 @@ class MaskBranch:
             ).to(device),
             "scores": torch.rand(num_detections, generator=generator).to(device),
         }
-        return x, fields
+        return features, fields
 
 
-def make_instances(fields: Dict[str, torch.Tensor], image_size: int):
+def make_instances(fields: Dict[str, torch.Tensor], image_size: Tuple[int, int]):
     """Fresh detectron2 Instances (the head writes pred_masks into them)."""
     from detectron2.structures import Boxes, Instances
 
-    instances = Instances((image_size, image_size))
+    instances = Instances(tuple(image_size))
     instances.pred_boxes = Boxes(fields["pred_boxes"])
     instances.pred_classes = fields["pred_classes"]
     instances.scores = fields["scores"]
     return instances
 
 
-class _TracedHead(nn.Module):
-    """Wraps head(x, [instances]) as a module of tensors only, for fvcore's jit tracing."""
+class _TracedBranch(nn.Module):
+    """Wraps branch(features, [instances]) as a module of tensors only, for fvcore's tracing."""
 
-    def __init__(self, head: nn.Module, keys: Optional[List[str]], fields, image_size: int):
+    def __init__(self, branch: MaskBranch, keys: List[str], fields, image_size: Tuple[int, int]):
         super().__init__()
-        self.head = head
+        self.branch = branch
         self.keys = keys
         self.fields = fields
         self.image_size = image_size
 
     def forward(self, *tensors):
-        x = dict(zip(self.keys, tensors)) if self.keys is not None else tensors[0]
-        out = self.head(x, [make_instances(self.fields, self.image_size)])
+        out = self.branch(dict(zip(self.keys, tensors)), [make_instances(self.fields, self.image_size)])
         return out[0].pred_masks
 
 
@@ -213,18 +214,14 @@ EXTRA_FLOP_HANDLES = {
 }
 
 
-def count_flops(branch: MaskBranch, x, fields, image_size: int) -> Tuple[float, List[str]]:
+def count_flops(branch: MaskBranch, features, fields, image_size) -> Tuple[float, List[str]]:
     """(FLOPs of one forward in fvcore's convention, op names fvcore did not count)."""
     from fvcore.nn import FlopCountAnalysis
 
-    if isinstance(x, dict):
-        keys, tensors = list(x), tuple(x.values())
-    else:
-        keys, tensors = None, (x,)
-    module = _TracedHead(branch.head, keys, fields, image_size)
+    module = _TracedBranch(branch, list(features), fields, image_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(module, tensors)
+        analysis = FlopCountAnalysis(module, tuple(features.values()))
         analysis.set_op_handle(**EXTRA_FLOP_HANDLES)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
@@ -311,7 +308,7 @@ def profile_config(
     devices: Sequence[str],
     repeat: int,
     warmup: int,
-    image_size: int,
+    image_size: Tuple[int, int],
     seed: int = 0,
 ) -> List[Dict[str, object]]:
     """One row per device for the config entry ``PATH[@KEY=VALUE...]``."""
@@ -320,31 +317,30 @@ def profile_config(
     flops: Dict[int, float] = {}
     unsupported: List[str] = []
     for device in devices:
-        cfg = load_config(path, list(opts) + entry_opts, device)
+        cfg = branch_config(path, list(opts) + entry_opts, device)
         torch.manual_seed(seed)
-        branch = MaskBranch(cfg)
-        head = branch.head.to(device)
+        branch = MaskBranch(cfg).to(device)
         row = {
             "config": " ".join([_short_path(path)] + entry.split("@")[1:]),
-            "head": _head_description(branch, cfg),
+            "head": _head_description(branch),
             "input": branch.input_description,
-            "params": sum(p.numel() for p in head.parameters()),
+            "params": sum(p.numel() for p in branch.parameters()),
             "device": device,
             "threads": torch.get_num_threads(),
             "ms": {},
         }
         for num in detections:
-            x, fields = branch.random_inputs(num, image_size, device, seed)
+            features, fields = branch.random_inputs(num, image_size, device, seed)
             if num not in flops:
-                cpu_x, cpu_fields = branch.random_inputs(num, image_size, "cpu", seed)
-                head.to("cpu")
-                flops[num], missing = count_flops(branch, cpu_x, cpu_fields, image_size)
+                cpu_features, cpu_fields = branch.random_inputs(num, image_size, "cpu", seed)
+                branch.to("cpu")
+                flops[num], missing = count_flops(branch, cpu_features, cpu_fields, image_size)
                 unsupported = sorted(set(unsupported) | set(missing))
-                head.to(device)
+                branch.to(device)
 
-            def run(x=x, fields=fields):
+            def run(features=features, fields=fields):
                 with torch.no_grad():
-                    return head(x, [make_instances(fields, image_size)])
+                    return branch(features, [make_instances(fields, image_size)])
 
             row["ms"][num] = median_ms(run, device, repeat, warmup)
             if num == max(detections):
@@ -352,7 +348,7 @@ def profile_config(
         row["gflops"] = {num: flops[num] / 1e9 for num in detections}
         row["not_counted"] = unsupported
         rows.append(row)
-        del branch, head
+        del branch
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
@@ -364,13 +360,10 @@ def _short_path(path: str) -> str:
     return "/".join(parts[-2:])
 
 
-def _head_description(branch: MaskBranch, cfg) -> str:
-    head = branch.head
-    if hasattr(head, "network_name"):  # Deep-MARC heads
-        return f"{branch.name} ({head.network_name}, nc={cfg.MODEL.DEEP_MARC.NUM_FILTERS})"
-    if branch.name == "MaskRCNNConvUpsampleHead":
-        return f"{branch.name} ({cfg.MODEL.ROI_MASK_HEAD.NUM_CONV} conv)"
-    return branch.name
+def _head_description(branch: MaskBranch) -> str:
+    """The head's registered name and its module summary (``extra_repr``), if any."""
+    summary = branch.head.extra_repr()
+    return f"{branch.name} ({summary})" if summary else branch.name
 
 
 def markdown_table(rows: List[Dict[str, object]], detections: Sequence[int]) -> str:
@@ -396,8 +389,9 @@ def markdown_table(rows: List[Dict[str, object]], detections: Sequence[int]) -> 
     not_counted = sorted({op for row in rows for op in row["not_counted"]})
     notes = [
         "",
-        "One image per run. GFLOPs: fvcore, one multiply-add = one FLOP. ms: median eval-mode "
-        "latency per image. peak MB: see masklab_d2/tools/profile_heads.py.",
+        "One image per run; the mask branch (pooler and head). GFLOPs: fvcore, one multiply-add "
+        "= one FLOP. ms: median eval-mode latency per image. peak MB: see "
+        "masklab_d2/tools/profile_heads.py.",
     ]
     if not_counted:
         notes.append("Ops without a FLOP count (element-wise etc.): " + ", ".join(not_counted))
@@ -424,7 +418,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--image-size", type=int, nargs="+", default=[256], metavar=("H", "W"), help="H [W]"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument(
@@ -444,6 +440,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             raise SystemExit(f"--device {device}: no CUDA device on this machine")
     if any(d <= 0 for d in args.detections):
         raise SystemExit("--detections must be positive")
+    if len(args.image_size) > 2 or min(args.image_size) <= 0:
+        raise SystemExit("--image-size takes one or two positive sizes: H [W]")
+    image_size = (args.image_size[0], args.image_size[-1])
     rows = []
     for entry in args.config_file:
         rows += profile_config(
@@ -453,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             devices,
             args.repeat,
             args.warmup,
-            args.image_size,
+            image_size,
             args.seed,
         )
     table = markdown_table(rows, args.detections)

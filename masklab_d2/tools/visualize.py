@@ -49,7 +49,6 @@ require_detectron2("masklab_d2.tools.visualize")
 
 import cv2  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import detection_utils  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
@@ -60,8 +59,8 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import masklab_d2.modeling  # noqa: E402,F401  (registers the heads, poolers, backbones)
-from masklab_d2.config import add_masklab_config  # noqa: E402
-from masklab_d2.data import register_coco_partial  # noqa: E402  (and the shapes datasets)
+from masklab_d2.config import load_config  # noqa: E402
+from masklab_d2.data import register_coco_datasets  # noqa: E402  (and the shapes datasets)
 from masklab_d2.modeling.poolers import DeformableCropAndResizePooler  # noqa: E402
 
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
@@ -74,12 +73,7 @@ _MIN_DRAW_SIZE = 640
 
 def setup_cfg(config_file: str, opts: Sequence[str]):
     """The frozen config; CPU when no GPU is visible."""
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(config_file, opts)
     cfg.freeze()
     return cfg
 
@@ -622,13 +616,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
     args = build_argument_parser().parse_args(argv)
     inputs, opts = _split_trailing_opts(args.input, list(args.opts))
-    for spec in args.coco_dataset or []:
-        name, _, paths = spec.partition("=")
-        json_file, _, image_root = paths.partition(":")
-        if not (name and json_file and image_root):
-            raise ValueError(f"--coco-dataset expects NAME=JSON:IMAGE_ROOT, got {spec!r}")
-        if name not in DatasetCatalog.list():
-            register_coco_partial(name, json_file, image_root)
+    register_coco_datasets(args.coco_dataset)
     cfg = setup_cfg(args.config_file, opts)
     return visualize(
         cfg, args.output, inputs, args.dataset, args.num_images, args.top_k, args.max_draw

@@ -1,0 +1,67 @@
+"""Every YAML config loads, names registered components, and every added key is documented."""
+import glob
+import os
+import re
+
+import pytest
+
+pytestmark = pytest.mark.detectron2
+pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY  # noqa: E402
+from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY  # noqa: E402
+
+import masklab_d2.modeling  # noqa: E402,F401  (registration)
+from masklab_d2.config import add_masklab_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+
+
+def _added_keys():
+    """Flattened names of the keys add_masklab_config adds to detectron2's defaults."""
+
+    def flatten(node, prefix=""):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if hasattr(value, "items"):
+                yield from flatten(value, name + ".")
+            else:
+                yield name
+
+    base = set(flatten(get_cfg()))
+    cfg = get_cfg()
+    add_masklab_config(cfg)
+    return sorted(set(flatten(cfg)) - base)
+
+
+def test_every_added_key_is_in_the_readme():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    keys = _added_keys()
+    assert len(keys) > 40
+    missing = [key for key in keys if f"`{key}`" not in readme]
+    assert not missing, f"README's config-key table lacks {missing}"
+
+
+def test_every_added_key_has_a_one_line_comment():
+    source = open(os.path.join(REPO, "masklab_d2", "config.py")).read().splitlines()
+    for index, line in enumerate(source):
+        if re.match(r"\s*_C\.[A-Z0-9_.]+ = (?!CN\(\))", line):
+            assert source[index - 1].strip().startswith("#"), f"no comment above: {line.strip()}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(REPO, "configs")))
+def test_config_loads_and_names_registered_parts(path):
+    cfg = get_cfg()
+    add_masklab_config(cfg)
+    cfg.merge_from_file(path)
+    if os.path.basename(path).startswith("Base-") and cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads":
+        return  # partial bases without heads
+    assert cfg.MODEL.ROI_HEADS.NAME in ROI_HEADS_REGISTRY
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME in ROI_MASK_HEAD_REGISTRY
+    assert cfg.MODEL.ROI_BOX_HEAD.NAME in ROI_BOX_HEAD_REGISTRY
+    assert cfg.MODEL.BACKBONE.NAME in BACKBONE_REGISTRY
+    if "shapes" in path:
+        assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 16
+        assert cfg.DATASETS.TRAIN[0].startswith("shapes_")
