@@ -7,6 +7,7 @@ The extension is a CppExtension, or a CUDAExtension when torch has CUDA and nvcc
 FORCE_CUDA=1). MASKLAB_CPU_ONLY=1 skips the CUDA sources. With no GPU visible, the CUDA code is built
 for TORCH_CUDA_ARCH_LIST, defaulting to Hopper ("9.0", the H100/H200 machines this is benchmarked on).
 """
+
 import glob
 import os
 import re
@@ -77,7 +78,10 @@ def _with_cuda():
 
 
 def get_extensions():
-    sources = [os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True)]
+    sources = [
+        os.path.relpath(p, HERE)
+        for p in glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True)
+    ]
     extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
     extra_link_args = ["-fopenmp"]
     define_macros = []
@@ -85,7 +89,8 @@ def get_extensions():
     if _with_cuda():
         extension = CUDAExtension
         sources += [
-            os.path.relpath(p, HERE) for p in glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True)
+            os.path.relpath(p, HERE)
+            for p in glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True)
         ]
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O3"]

@@ -11,6 +11,7 @@ evaluator, an AdamW option, head-only training (MODEL.FREEZE_DETECTOR) and a che
 when training stops early (Ctrl-C, SIGTERM from a scheduler, an error), so `--resume` continues
 from where it stopped. With no GPU it runs on the CPU.
 """
+
 import logging
 import os
 import signal
@@ -24,7 +25,13 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    HookBase,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.evaluation import verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -49,7 +56,9 @@ class CheckpointOnInterrupt(HookBase):
         if trainer.iter + 1 >= trainer.max_iter or last_completed < trainer.start_iter:
             return
         if comm.is_main_process():
-            logger.warning(f"Training stopped early; saving a checkpoint at iteration {last_completed}")
+            logger.warning(
+                f"Training stopped early; saving a checkpoint at iteration {last_completed}"
+            )
             # The trainer's state (its iteration) goes into the checkpoint, and --resume starts
             # after it: record the last iteration known to be complete.
             trainer.iter = last_completed
@@ -64,7 +73,9 @@ class Trainer(DefaultTrainer):
         model = super().build_model(cfg)
         if cfg.MODEL.FREEZE_DETECTOR:
             if not cfg.MODEL.WEIGHTS:
-                raise ValueError("MODEL.FREEZE_DETECTOR trains the mask branch of a trained detector: set MODEL.WEIGHTS")
+                raise ValueError(
+                    "MODEL.FREEZE_DETECTOR trains the mask branch of a trained detector: set MODEL.WEIGHTS"
+                )
             freeze_detector(model)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info(f"Detector frozen; training {trainable} mask-branch parameters")
@@ -75,7 +86,9 @@ class Trainer(DefaultTrainer):
         """SGD (detectron2's settings) or AdamW, honouring modules' ``lr_factor``."""
         name = cfg.SOLVER.OPTIMIZER.upper()
         if name not in ("SGD", "ADAMW"):
-            raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'ADAMW', got {cfg.SOLVER.OPTIMIZER!r}")
+            raise ValueError(
+                f"SOLVER.OPTIMIZER must be 'SGD' or 'ADAMW', got {cfg.SOLVER.OPTIMIZER!r}"
+            )
         params = get_default_optimizer_params(
             model,
             base_lr=cfg.SOLVER.BASE_LR,
@@ -107,7 +120,9 @@ class Trainer(DefaultTrainer):
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            min_keypoints=(
+                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            ),
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
         if cfg.MODEL.MASK_ON:
@@ -122,13 +137,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=PartialMaskDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=PartialMaskDatasetMapper(cfg, is_train=False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type != "coco":
-            raise NotImplementedError(f"{dataset_name}: only COCO-format evaluation is supported, got {evaluator_type!r}")
+            raise NotImplementedError(
+                f"{dataset_name}: only COCO-format evaluation is supported, got {evaluator_type!r}"
+            )
         return PartialCOCOEvaluator(
             dataset_name,
             cfg,
@@ -159,7 +178,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

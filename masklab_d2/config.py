@@ -2,6 +2,7 @@
 
 Every key is described in the README's "Config keys" table.
 """
+
 from typing import Sequence
 
 import torch
@@ -47,6 +48,8 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES = False
     # Feature maps the mask branch reads; empty means MODEL.ROI_HEADS.IN_FEATURES.
     _C.MODEL.ROI_MASK_HEAD.IN_FEATURES = []
+    # At most this many random foreground proposals per image train the mask branch (0 = all).
+    _C.MODEL.ROI_MASK_HEAD.MAX_TRAIN_ROIS_PER_IMAGE = 0
 
     # ---- Box branch: deformable crop-and-resize pooling and MaskLab's res5 box head ---------
     # POOLER_TYPE "DeformableCropAndResize": sub-boxes per side G (divides POOLER_RESOLUTION).

@@ -2,6 +2,7 @@
 
 Import only from test modules that already skip without detectron2.
 """
+
 import os
 
 import torch
@@ -24,17 +25,28 @@ def tiny_cfg(config_file: str, **overrides):
     cfg = load_config(config_file)
     cfg.merge_from_list(
         [
-            "MODEL.DEVICE", "cpu",
-            "MODEL.WEIGHTS", "",
-            "DATASETS.TRAIN", ("shapes_tiny_train",),
-            "DATASETS.TEST", ("shapes_tiny_val",),
-            "INPUT.MIN_SIZE_TRAIN", (128,),
-            "INPUT.MAX_SIZE_TRAIN", 128,
-            "INPUT.MIN_SIZE_TEST", 128,
-            "INPUT.MAX_SIZE_TEST", 128,
-            "SOLVER.IMS_PER_BATCH", 2,
-            "DATALOADER.NUM_WORKERS", 0,
-            "SEED", 0,
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.WEIGHTS",
+            "",
+            "DATASETS.TRAIN",
+            ("shapes_tiny_train",),
+            "DATASETS.TEST",
+            ("shapes_tiny_val",),
+            "INPUT.MIN_SIZE_TRAIN",
+            (128,),
+            "INPUT.MAX_SIZE_TRAIN",
+            128,
+            "INPUT.MIN_SIZE_TEST",
+            128,
+            "INPUT.MAX_SIZE_TEST",
+            128,
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "SEED",
+            0,
         ]
     )
     cfg.merge_from_list([x for kv in overrides.items() for x in kv])

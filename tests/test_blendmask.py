@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+from helpers import CONFIGS, image_instances, tiny_cfg  # noqa: E402
 
 import masklab_d2.data  # noqa: E402,F401  (dataset registration)
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
@@ -21,7 +22,6 @@ from masklab_d2.data import PartialMaskDatasetMapper  # noqa: E402
 from masklab_d2.layers.blender import SEMANTIC_IGNORE_INDEX  # noqa: E402
 from masklab_d2.modeling.blendmask_head import BlendMaskHead, semantic_targets  # noqa: E402
 
-from helpers import CONFIGS, image_instances, tiny_cfg  # noqa: E402
 SHAPES_CONFIGS = [
     "shapes/blendmask_R_18_FPN.yaml",
     "shapes-partial/blendmask_R_18_FPN.yaml",
@@ -161,7 +161,8 @@ def test_mask_loss_ignores_maskless_instances():
 @pytest.mark.parametrize("resolution,num_bases", [(28, 1), (112, 8)])
 def test_head_sweeps_and_zero_detections(resolution, num_bases):
     cfg = tiny_cfg(
-        GT_CROP, **{"MODEL.BLENDMASK.BOTTOM_RESOLUTION": resolution, "MODEL.BLENDMASK.NUM_BASES": num_bases}
+        GT_CROP,
+        **{"MODEL.BLENDMASK.BOTTOM_RESOLUTION": resolution, "MODEL.BLENDMASK.NUM_BASES": num_bases}
     )
     head = build_model(cfg).roi_heads.mask_head.eval()
     features = {

@@ -3,6 +3,7 @@
 Data: ``$MASKLAB_COCO_TINY`` (80 + 80 real COCO 2017 images with their annotations; `.ci/run`
 points it at ../shared/data/coco_tiny). Skipped where absent.
 """
+
 import copy
 import os
 import random
@@ -43,7 +44,9 @@ SPLITS = {
 def registered():
     for name, (json_file, image_root) in SPLITS.items():
         if name not in DatasetCatalog.list():
-            register_coco_partial(name, os.path.join(COCO_TINY, json_file), os.path.join(COCO_TINY, image_root))
+            register_coco_partial(
+                name, os.path.join(COCO_TINY, json_file), os.path.join(COCO_TINY, image_root)
+            )
 
 
 def _annotation_mask(annotation, height, width):
@@ -81,7 +84,9 @@ def _predictions_from_ground_truth(dataset_name, corrupt=False, seed=0):
         instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         instances.pred_classes = torch.tensor(classes, dtype=torch.int64)
         instances.scores = torch.tensor(scores, dtype=torch.float32)
-        instances.pred_masks = torch.from_numpy(np.stack(masks) if masks else np.zeros((0, height, width), bool))
+        instances.pred_masks = torch.from_numpy(
+            np.stack(masks) if masks else np.zeros((0, height, width), bool)
+        )
         inputs.append({"image_id": record["image_id"], "height": height, "width": width})
         outputs.append({"instances": instances})
     return inputs, outputs
@@ -113,7 +118,9 @@ def test_ground_truth_scores_100_on_every_split(tmp_path):
 @pytest.mark.parametrize("use_fast_impl", [True, False])
 def test_group_ap_equals_pycocotools_with_restricted_cat_ids(use_fast_impl):
     inputs, outputs = _predictions_from_ground_truth("coco_tiny_val", corrupt=True, seed=3)
-    results = _evaluate("coco_tiny_val", copy.deepcopy(inputs), copy.deepcopy(outputs), "voc", use_fast_impl)
+    results = _evaluate(
+        "coco_tiny_val", copy.deepcopy(inputs), copy.deepcopy(outputs), "voc", use_fast_impl
+    )
     all_ap = results["segm"]["AP"]
     assert 20 < all_ap < 95  # degraded predictions: a non-trivial number
 
@@ -124,10 +131,19 @@ def test_group_ap_equals_pycocotools_with_restricted_cat_ids(use_fast_impl):
     detections = []
     for input_, output in zip(inputs, outputs):
         instances = output["instances"]
-        for mask, cls, score in zip(instances.pred_masks.numpy(), instances.pred_classes.tolist(), instances.scores.tolist()):
+        for mask, cls, score in zip(
+            instances.pred_masks.numpy(), instances.pred_classes.tolist(), instances.scores.tolist()
+        ):
             rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
-            detections.append({"image_id": input_["image_id"], "category_id": to_dataset[cls], "segmentation": rle, "score": score})
+            detections.append(
+                {
+                    "image_id": input_["image_id"],
+                    "category_id": to_dataset[cls],
+                    "segmentation": rle,
+                    "score": score,
+                }
+            )
     voc = list(COCO_VOC_CATEGORY_IDS)
     nonvoc = [c for c in coco_gt.getCatIds() if c not in voc]
     for group, cat_ids in (("seen", voc), ("unseen", nonvoc), ("voc", voc), ("nonvoc", nonvoc)):
@@ -136,8 +152,12 @@ def test_group_ap_equals_pycocotools_with_restricted_cat_ids(use_fast_impl):
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
-        assert results["segm"][f"{group}/AP"] == pytest.approx(coco_eval.stats[0] * 100, abs=1e-6), group
-        assert results["segm"][f"{group}/AP50"] == pytest.approx(coco_eval.stats[1] * 100, abs=1e-6), group
+        assert results["segm"][f"{group}/AP"] == pytest.approx(
+            coco_eval.stats[0] * 100, abs=1e-6
+        ), group
+        assert results["segm"][f"{group}/AP50"] == pytest.approx(
+            coco_eval.stats[1] * 100, abs=1e-6
+        ), group
     # A group AP is pycocotools' own number, not the mean of its per-class APs.
     per_class = [results["segm"][f"AP-{name}"] for name in class_groups_of(metadata)["voc"]]
     assert results["segm"]["seen/AP"] == pytest.approx(np.nanmean(per_class), abs=1e-3)

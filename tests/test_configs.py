@@ -1,4 +1,5 @@
 """Every YAML config loads, names registered components, and every added key is documented."""
+
 import glob
 import os
 import re
@@ -10,7 +11,10 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (see READM
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY  # noqa: E402
-from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY  # noqa: E402
+from detectron2.modeling.roi_heads import (  # noqa: E402
+    ROI_BOX_HEAD_REGISTRY,
+    ROI_MASK_HEAD_REGISTRY,
+)
 
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
 from masklab_d2.config import add_masklab_config  # noqa: E402
@@ -51,12 +55,17 @@ def test_every_added_key_has_a_one_line_comment():
             assert source[index - 1].strip().startswith("#"), f"no comment above: {line.strip()}"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(REPO, "configs")))
+@pytest.mark.parametrize(
+    "path", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(REPO, "configs"))
+)
 def test_config_loads_and_names_registered_parts(path):
     cfg = get_cfg()
     add_masklab_config(cfg)
     cfg.merge_from_file(path)
-    if os.path.basename(path).startswith("Base-") and cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads":
+    if (
+        os.path.basename(path).startswith("Base-")
+        and cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads"
+    ):
         return  # partial bases without heads
     assert cfg.MODEL.ROI_HEADS.NAME in ROI_HEADS_REGISTRY
     assert cfg.MODEL.ROI_MASK_HEAD.NAME in ROI_MASK_HEAD_REGISTRY

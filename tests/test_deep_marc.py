@@ -19,6 +19,7 @@ from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, build_mask_hea
 from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+from helpers import CONFIGS, tiny_cfg  # noqa: E402
 from test_hourglass import EXPECTED_PARAMS, expected_predictor_params  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -34,7 +35,6 @@ from masklab_d2.layers.hourglass import (  # noqa: E402
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead, ResNetMaskHead  # noqa: E402
 from masklab_d2.tools import profile_heads  # noqa: E402
 
-from helpers import CONFIGS, tiny_cfg  # noqa: E402
 SHAPES_CONFIGS = sorted(
     glob.glob(os.path.join(CONFIGS, "shapes", "deep_marc_*.yaml"))
     + glob.glob(os.path.join(CONFIGS, "shapes-partial", "deep_marc_*.yaml"))

@@ -1,4 +1,5 @@
 """MaskLab: direction binning and targets, direction pooling, fusion init, configs end to end."""
+
 import glob
 import math
 import os
@@ -6,6 +7,7 @@ import os
 import pytest
 import torch
 
+from masklab_d2.layers import crop_and_resize
 from masklab_d2.layers.masklab import (
     CoarseMaskFusion,
     DirectionBinning,
@@ -13,7 +15,6 @@ from masklab_d2.layers.masklab import (
     direction_pool,
     lattice_rois,
 )
-from masklab_d2.layers import crop_and_resize
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -31,7 +32,16 @@ def _box_of(mask):
 def test_direction_bins_follow_angle_and_distance():
     binning = DirectionBinning(8, 4)
     # Directions start at 0 degrees (+x) and turn towards +y (image down), 45 degrees each.
-    for degrees, expected in [(10, 0), (50, 1), (100, 2), (170, 3), (200, 4), (260, 5), (280, 6), (350, 7)]:
+    for degrees, expected in [
+        (10, 0),
+        (50, 1),
+        (100, 2),
+        (170, 3),
+        (200, 4),
+        (260, 5),
+        (280, 6),
+        (350, 7),
+    ]:
         angle = math.radians(degrees)
         scale = 0.9 / max(abs(math.cos(angle)), abs(math.sin(angle)))  # max(|u|, |v|) = 0.9
         u, v = torch.tensor([scale * math.cos(angle)]), torch.tensor([scale * math.sin(angle)])
@@ -47,7 +57,9 @@ def test_direction_bins_follow_angle_and_distance():
         DirectionBinning(8, 4, "manhattan")
 
 
-def _targets(masks, classes=None, has_mask=None, stride=1, center="box", binning=DirectionBinning(8, 4)):
+def _targets(
+    masks, classes=None, has_mask=None, stride=1, center="box", binning=DirectionBinning(8, 4)
+):
     boxes = torch.stack([_box_of(m) for m in masks])
     n = len(masks)
     return dense_targets(
@@ -57,7 +69,11 @@ def _targets(masks, classes=None, has_mask=None, stride=1, center="box", binning
         torch.tensor(has_mask if has_mask is not None else [True] * n),
         binning,
         stride,
-        tuple(masks[0].shape[-2:]) if stride == 1 else (masks[0].shape[0] // stride, masks[0].shape[1] // stride),
+        (
+            tuple(masks[0].shape[-2:])
+            if stride == 1
+            else (masks[0].shape[0] // stride, masks[0].shape[1] // stride)
+        ),
         num_classes=3,
         center=center,
     )
@@ -139,12 +155,16 @@ def test_pooling_a_perfect_direction_map_reproduces_the_mask(num_directions, num
     crop = 21
     box = _box_of(first)
     rois = lattice_rois(box[None], torch.zeros(1), crop)
-    pooled = direction_pool(crop_and_resize(logits, rois, 1.0, crop, aligned=True), binning.crop_template(crop))
+    pooled = direction_pool(
+        crop_and_resize(logits, rois, 1.0, crop, aligned=True), binning.crop_template(crop)
+    )
     target = crop_and_resize(first[None, None].float(), rois, 1.0, crop, aligned=True)[0, 0] > 0.5
     predicted = pooled[0, 0] > 0
     iou = (predicted & target).sum() / (predicted | target).sum()
     assert iou > 0.85, iou
-    neighbour = crop_and_resize(second[None, None].float(), rois, 1.0, crop, aligned=True)[0, 0] > 0.5
+    neighbour = (
+        crop_and_resize(second[None, None].float(), rois, 1.0, crop, aligned=True)[0, 0] > 0.5
+    )
     if num_directions >= 4:
         assert (predicted & neighbour).sum() <= 0.1 * neighbour.sum()
 
@@ -164,14 +184,22 @@ def test_fusion_is_initialised_to_half_and_one():
 # detectron2 end to end
 
 MASKLAB_CONFIGS = sorted(
-    [os.path.join(CONFIGS, "shapes", f) for f in ("masklab_R_18_FPN.yaml", "masklab_R_18_C4_os8.yaml")]
-    + [os.path.join(CONFIGS, "shapes-partial", f) for f in ("masklab_R_18_FPN_gtcrop.yaml", "masklab_R_18_C4_os8_gtcrop.yaml")]
+    [
+        os.path.join(CONFIGS, "shapes", f)
+        for f in ("masklab_R_18_FPN.yaml", "masklab_R_18_C4_os8.yaml")
+    ]
+    + [
+        os.path.join(CONFIGS, "shapes-partial", f)
+        for f in ("masklab_R_18_FPN_gtcrop.yaml", "masklab_R_18_C4_os8_gtcrop.yaml")
+    ]
     + glob.glob(os.path.join(CONFIGS, "shapes", "masklab-ablations", "*.yaml"))
 )
 
 
 def _d2():
-    return pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+    return pytest.importorskip(
+        "detectron2", reason="detectron2 is not installed (see README: Install)"
+    )
 
 
 @pytest.mark.detectron2
@@ -181,15 +209,24 @@ def test_shapes_config_trains_and_infers(config):
     from detectron2.data import DatasetCatalog, build_detection_train_loader
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
-
-    from masklab_d2.data import PartialMaskDatasetMapper
     from helpers import tiny_cfg
 
+    from masklab_d2.data import PartialMaskDatasetMapper
+
     torch.manual_seed(0)
-    cfg = tiny_cfg(config, **{"SOLVER.IMS_PER_BATCH": 2, "DATALOADER.NUM_WORKERS": 0, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32})
+    cfg = tiny_cfg(
+        config,
+        **{
+            "SOLVER.IMS_PER_BATCH": 2,
+            "DATALOADER.NUM_WORKERS": 0,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32,
+        },
+    )
     model = build_model(cfg)
     model.train()
-    loader = iter(build_detection_train_loader(cfg, mapper=PartialMaskDatasetMapper(cfg, is_train=True)))
+    loader = iter(
+        build_detection_train_loader(cfg, mapper=PartialMaskDatasetMapper(cfg, is_train=True))
+    )
     with EventStorage():
         for _ in range(2):
             losses = model(next(loader))
@@ -200,7 +237,9 @@ def test_shapes_config_trains_and_infers(config):
     record = DatasetCatalog.get("shapes_tiny_val")[0]
     image = torch.rand(3, 128, 128) * 255
     with torch.no_grad():
-        instances = model([{"image": image, "height": record["height"], "width": record["width"]}])[0]["instances"]
+        instances = model([{"image": image, "height": record["height"], "width": record["width"]}])[
+            0
+        ]["instances"]
     assert instances.pred_masks.shape[1:] == (record["height"], record["width"])
 
 
@@ -209,10 +248,11 @@ def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
     _d2()
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
-
     from helpers import image_instances, tiny_cfg
 
-    cfg = tiny_cfg(os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml"))
+    cfg = tiny_cfg(
+        os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml")
+    )
     model = build_model(cfg)
     model.train()
     head = model.roi_heads.mask_head
@@ -227,7 +267,14 @@ def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
     assert offset_net.offsets.bias.grad.abs().sum() > 0
     pooler = model.roi_heads.box_pooler.level_poolers[0]
     assert pooler.last_offsets.shape[1:] == (2, 7, 7)
-    for name in ("semantic_logits", "direction_logits", "semantic_crop", "pooled_direction", "coarse", "refined"):
+    for name in (
+        "semantic_logits",
+        "direction_logits",
+        "semantic_crop",
+        "pooled_direction",
+        "coarse",
+        "refined",
+    ):
         assert name in head.intermediates, name
     assert head.intermediates["direction_logits"].shape[1] == 32
     assert head.intermediates["refined"].shape[-1] == cfg.MODEL.MASKLAB.CROP_SIZE
@@ -238,7 +285,6 @@ def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
     _d2()
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
-
     from helpers import image_instances, tiny_cfg
 
     cfg = tiny_cfg(
@@ -262,16 +308,21 @@ def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
 @pytest.mark.detectron2
 @pytest.mark.parametrize(
     "config",
-    ["coco/masklab_R_50_FPN_1x.yaml", "coco/masklab_R_101_C4_os8.yaml", "coco/masklab_R_101_C4_os8_deformable.yaml",
-     "coco-voc-nonvoc/masklab_R_50_FPN_1x.yaml", "coco-voc-nonvoc/masklab_R_101_C4_os8.yaml",
-     "coco-voc-nonvoc/masklab_R_50_FPN_1x_nonvoc_to_voc.yaml"],
+    [
+        "coco/masklab_R_50_FPN_1x.yaml",
+        "coco/masklab_R_101_C4_os8.yaml",
+        "coco/masklab_R_101_C4_os8_deformable.yaml",
+        "coco-voc-nonvoc/masklab_R_50_FPN_1x.yaml",
+        "coco-voc-nonvoc/masklab_R_101_C4_os8.yaml",
+        "coco-voc-nonvoc/masklab_R_50_FPN_1x_nonvoc_to_voc.yaml",
+    ],
 )
 def test_coco_configs_build_and_train_one_step(config):
     _d2()
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
-
     from helpers import image_instances
+
     from masklab_d2.config import load_config
 
     cfg = load_config(os.path.join(CONFIGS, config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
@@ -297,17 +348,17 @@ def test_offsets_are_bounded():
 def test_offset_network_learns_at_its_lr_factor():
     _d2()
     from detectron2.modeling import build_model
-
-    import train_net
     from helpers import tiny_cfg
 
-    cfg = tiny_cfg(os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml"))
+    import train_net
+
+    cfg = tiny_cfg(
+        os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml")
+    )
     model = build_model(cfg)
     optimizer = train_net.Trainer.build_optimizer(cfg, model)
     offset_params = {id(p) for p in model.roi_heads.box_pooler.offset_net.parameters()}
-    rates = {
-        id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]
-    }
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     factor = cfg.MODEL.ROI_BOX_HEAD.DEFORMABLE_LR_FACTOR
     assert factor < 1
     for param_id in offset_params:

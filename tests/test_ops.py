@@ -1,5 +1,6 @@
 """The compiled crop ops against their pure-PyTorch references, TensorFlow semantics, gradients,
 layouts, dtypes, bad input and torch.library registration."""
+
 import subprocess
 import sys
 
@@ -66,7 +67,9 @@ def test_deformable_matches_reference(grid, output_size):
 def test_tensorflow_sampling_semantics():
     """Samples on the box edges, the centre for size 1, zeros outside, flips for flipped boxes."""
     height, width = 8, 10
-    ys, xs = torch.meshgrid(torch.arange(height.__float__()), torch.arange(width.__float__()), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(height.__float__()), torch.arange(width.__float__()), indexing="ij"
+    )
     ramp = (xs + 10 * ys)[None, None].double()  # bilinear interpolation of a linear map is exact
     box = torch.tensor([[0, 1.0, 2.0, 5.0, 6.0]], dtype=torch.float64)
     crop = crop_and_resize(ramp, box, 1.0, 3)[0, 0]
@@ -80,9 +83,13 @@ def test_tensorflow_sampling_semantics():
     flipped = torch.tensor([[0, 5.0, 6.0, 1.0, 2.0]], dtype=torch.float64)
     torch.testing.assert_close(crop_and_resize(ramp, flipped, 1.0, 3)[0, 0], expected.flip(0, 1))
     # Spatial scale: the same box in a 2x larger input.
-    torch.testing.assert_close(crop_and_resize(ramp, box * torch.tensor([1, 2, 2, 2, 2]), 0.5, 3)[0, 0], expected)
+    torch.testing.assert_close(
+        crop_and_resize(ramp, box * torch.tensor([1, 2, 2, 2, 2]), 0.5, 3)[0, 0], expected
+    )
     # Half-pixel convention: coordinates shift by -0.5 feature pixels.
-    aligned = crop_and_resize(ramp, box + torch.tensor([0, 0.5, 0.5, 0.5, 0.5]), 1.0, 3, aligned=True)
+    aligned = crop_and_resize(
+        ramp, box + torch.tensor([0, 0.5, 0.5, 0.5, 0.5]), 1.0, 3, aligned=True
+    )
     torch.testing.assert_close(aligned[0, 0], expected)
     # Samples beyond the map read exactly zero, with no clamping; the last pixel is still inside.
     straddle = torch.tensor([[0, 7.0, 0.0, 11.0, 0.0]], dtype=torch.float64)
@@ -139,7 +146,9 @@ def test_gradcheck_features_and_boxes():
     )
     for aligned in (False, True):
         assert torch.autograd.gradcheck(
-            lambda f, c: crop_and_resize(f, _with_batch_index(batch_index, c), 0.5, (3, 4), aligned),
+            lambda f, c: crop_and_resize(
+                f, _with_batch_index(batch_index, c), 0.5, (3, 4), aligned
+            ),
             (features, coordinates),
         )
 
@@ -153,7 +162,9 @@ def test_gradcheck_deformable_offsets():
     )
     offsets = (0.5 * torch.randn(2, 2, 2, 2, generator=g, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda f, c, o: deformable_crop_and_resize(f, _with_batch_index(batch_index, c), o, 0.5, 4, 0.1),
+        lambda f, c, o: deformable_crop_and_resize(
+            f, _with_batch_index(batch_index, c), o, 0.5, 4, 0.1
+        ),
         (features, coordinates, offsets),
     )
 
@@ -167,7 +178,9 @@ def test_gradients_match_reference():
     for op in (deformable_crop_and_resize, deformable_crop_and_resize_reference):
         leaves = [t.clone().requires_grad_() for t in (features, rois, offsets)]
         out = op(leaves[0], leaves[1], leaves[2], 0.5, 6, 0.1, True)
-        out.backward(torch.ones_like(out) + torch.arange(out.numel(), dtype=out.dtype).view_as(out) % 7)
+        out.backward(
+            torch.ones_like(out) + torch.arange(out.numel(), dtype=out.dtype).view_as(out) % 7
+        )
         grads.append([leaf.grad for leaf in leaves])
     for compiled, reference in zip(*grads):
         torch.testing.assert_close(compiled, reference, rtol=1e-10, atol=1e-10)
@@ -192,7 +205,9 @@ def test_non_contiguous_and_channels_last_inputs():
     grads = []
     for variant in (features, channels_last):
         leaf = variant.clone().requires_grad_()
-        deformable_crop_and_resize(leaf, rois, torch.ones(10, 2, 5, 5), 0.5, 5).pow(2).sum().backward()
+        deformable_crop_and_resize(leaf, rois, torch.ones(10, 2, 5, 5), 0.5, 5).pow(
+            2
+        ).sum().backward()
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -212,15 +227,22 @@ def test_low_precision_dtypes(dtype):
 def test_list_of_boxes_and_modules():
     g = torch.Generator().manual_seed(8)
     features = torch.randn(2, 3, 9, 9, generator=g)
-    per_image = [torch.tensor([[1.0, 1.0, 6.0, 7.0]]), torch.tensor([[0.0, 2.0, 3.0, 8.0], [2.0, 2.0, 5.0, 5.0]])]
+    per_image = [
+        torch.tensor([[1.0, 1.0, 6.0, 7.0]]),
+        torch.tensor([[0.0, 2.0, 3.0, 8.0], [2.0, 2.0, 5.0, 5.0]]),
+    ]
     rois = torch.tensor([[0, 1.0, 1.0, 6.0, 7.0], [1, 0.0, 2.0, 3.0, 8.0], [1, 2.0, 2.0, 5.0, 5.0]])
-    torch.testing.assert_close(crop_and_resize(features, per_image, 1.0, 4), crop_and_resize(features, rois, 1.0, 4))
+    torch.testing.assert_close(
+        crop_and_resize(features, per_image, 1.0, 4), crop_and_resize(features, rois, 1.0, 4)
+    )
     module = CropAndResize(4, 1.0)
     assert repr(module) == "CropAndResize(crop_size=(4, 4), spatial_scale=1.0, aligned=False)"
     torch.testing.assert_close(module(features, rois), crop_and_resize(features, rois, 1.0, 4))
     deformable = DeformableCropAndResize(4, 1.0, grid=2)
     assert "grid=2" in repr(deformable) and "gamma=0.1" in repr(deformable)
-    torch.testing.assert_close(deformable(features, rois, torch.zeros(3, 2, 2, 2)), module(features, rois))
+    torch.testing.assert_close(
+        deformable(features, rois, torch.zeros(3, 2, 2, 2)), module(features, rois)
+    )
     with pytest.raises(ValueError, match="divisible"):
         DeformableCropAndResize(5, 1.0, grid=2)
     with pytest.raises(ValueError, match=r"\[K, 2, 2, 2\]"):
@@ -268,7 +290,11 @@ def test_bad_offsets_raise_clear_errors():
 def test_opcheck():
     g = torch.Generator().manual_seed(9)
     features = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, 1.0, 2.0, 9.0, 8.0], [1, 7.0, 1.0, 2.0, 6.0], [1, 3.0, 3.0, 3.5, 12.0]], dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor(
+        [[0, 1.0, 2.0, 9.0, 8.0], [1, 7.0, 1.0, 2.0, 6.0], [1, 3.0, 3.0, 3.5, 12.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     offsets = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     for args in [(features, rois, 0.5, 5, 3, False), (features, rois, 1.0, 1, 1, True)]:
         result = torch.library.opcheck(ops.crop_and_resize.default, args)
@@ -291,7 +317,9 @@ def test_missing_extension_error_says_how_to_build():
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert "pip install --no-build-isolation -e ." in result.stdout
 
 
@@ -323,4 +351,9 @@ def test_cpu_and_cuda_agree():
     # Half and bfloat16 accumulate in fp32.
     for dtype in (torch.float16, torch.bfloat16):
         out = crop_and_resize(features.to("cuda", dtype), rois.cuda(), 0.5, 7)
-        torch.testing.assert_close(out.double().cpu(), crop_and_resize(features.to(dtype).double(), rois, 0.5, 7), rtol=2e-2, atol=5e-2)
+        torch.testing.assert_close(
+            out.double().cpu(),
+            crop_and_resize(features.to(dtype).double(), rois, 0.5, 7),
+            rtol=2e-2,
+            atol=5e-2,
+        )

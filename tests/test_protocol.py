@@ -1,4 +1,5 @@
 """The partially supervised protocol under detectron2: mapper, ROI heads, freezing, bad input."""
+
 import json
 
 import pytest
@@ -11,9 +12,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+from helpers import image_instances, tiny_cfg  # noqa: E402
 
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
-from helpers import image_instances, tiny_cfg  # noqa: E402
 from masklab_d2.data import (  # noqa: E402
     PartialMaskDatasetMapper,
     check_coco_json,
@@ -44,7 +45,9 @@ def test_proposal_training_drops_maskless_matches():
     cfg = tiny_cfg(CONFIG, **{"MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": False})
     roi_heads = build_model(cfg).roi_heads
     proposals = Instances((96, 96))
-    proposals.proposal_boxes = Boxes(torch.tensor([[12.0, 10.0, 44.0, 41.0], [50.0, 50.0, 90.0, 88.0], [0.0, 0.0, 5.0, 5.0]]))
+    proposals.proposal_boxes = Boxes(
+        torch.tensor([[12.0, 10.0, 44.0, 41.0], [50.0, 50.0, 90.0, 88.0], [0.0, 0.0, 5.0, 5.0]])
+    )
     proposals.gt_classes = torch.tensor([0, 9, cfg.MODEL.ROI_HEADS.NUM_CLASSES])
     proposals.gt_has_mask = torch.tensor([True, False, False])
     selected = roi_heads._mask_training_instances([proposals], None)
@@ -133,7 +136,9 @@ def test_no_class_with_masks_is_an_error():
 
 
 def _write_json(path, images, annotations, categories):
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return str(path)
 
 
@@ -142,15 +147,29 @@ def test_corrupt_coco_json_errors_name_the_problem(tmp_path, caplog):
     categories = [{"id": 1, "name": "thing"}]
     good = {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "iscrowd": 0}
     with pytest.raises(DatasetFormatError, match="annotation id 8 references image_id 2"):
-        check_coco_json(_write_json(tmp_path / "a.json", images, [good, {**good, "id": 8, "image_id": 2}], categories))
+        check_coco_json(
+            _write_json(
+                tmp_path / "a.json", images, [good, {**good, "id": 8, "image_id": 2}], categories
+            )
+        )
     with pytest.raises(DatasetFormatError, match="annotation id 9 references category_id 5"):
-        check_coco_json(_write_json(tmp_path / "b.json", images, [good, {**good, "id": 9, "category_id": 5}], categories))
+        check_coco_json(
+            _write_json(
+                tmp_path / "b.json", images, [good, {**good, "id": 9, "category_id": 5}], categories
+            )
+        )
     with pytest.raises(DatasetFormatError, match="malformed bbox"):
-        check_coco_json(_write_json(tmp_path / "c.json", images, [{**good, "bbox": [1, 2]}], categories))
+        check_coco_json(
+            _write_json(tmp_path / "c.json", images, [{**good, "bbox": [1, 2]}], categories)
+        )
     (tmp_path / "d.json").write_text("{not json")
     with pytest.raises(DatasetFormatError, match="not valid json"):
         check_coco_json(str(tmp_path / "d.json"))
-    outside = [good, {**good, "id": 10, "bbox": [8, 8, 6, 6]}, {**good, "id": 11, "bbox": [20, 20, 2, 2]}]
+    outside = [
+        good,
+        {**good, "id": 10, "bbox": [8, 8, 6, 6]},
+        {**good, "id": 11, "bbox": [20, 20, 2, 2]},
+    ]
     with caplog.at_level("WARNING"):
         check_coco_json(_write_json(tmp_path / "e.json", images, outside, categories))
     assert "annotation 10 in a.jpg" in caplog.text and "annotation 11 in a.jpg" in caplog.text
@@ -170,3 +189,22 @@ def test_conflicting_box_choices_are_rejected():
     cfg = tiny_cfg(CONFIG, **{"MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES": True})
     with pytest.raises(ValueError, match="set only one"):
         build_model(cfg)
+
+
+def test_mask_training_proposals_can_be_capped_per_image():
+    cfg = tiny_cfg(
+        CONFIG,
+        **{
+            "MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES": False,
+            "MODEL.ROI_MASK_HEAD.MAX_TRAIN_ROIS_PER_IMAGE": 3,
+        },
+    )
+    roi_heads = build_model(cfg).roi_heads
+    proposals = Instances((96, 96))
+    proposals.proposal_boxes = Boxes(torch.tensor([[10.0, 10.0, 40.0, 40.0]]).repeat(8, 1))
+    proposals.gt_classes = torch.tensor([0, 1, 2, 3, 4, 5, 16, 16])
+    proposals.gt_has_mask = torch.tensor([True] * 5 + [False] * 3)
+    few = proposals[:2]
+    selected = roi_heads._mask_training_instances([proposals, few], None)
+    assert [len(x) for x in selected] == [3, 2]
+    assert set(selected[0].gt_classes.tolist()) <= {0, 1, 2, 3, 4}  # only masked foreground

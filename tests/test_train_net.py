@@ -1,5 +1,6 @@
 """train_net.py end to end on the tiny shapes splits: train + evaluate with seen / unseen AP,
 resume after an interruption, head-only training, evaluation only."""
+
 import json
 import os
 import signal
@@ -15,12 +16,26 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (see READM
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
 TINY = [
-    "DATASETS.TRAIN", "('shapes_tiny_train',)",
-    "DATASETS.TEST", "('shapes_tiny_val',)",
-    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
-    "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.WARMUP_ITERS", "2", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "DATASETS.TRAIN",
+    "('shapes_tiny_train',)",
+    "DATASETS.TEST",
+    "('shapes_tiny_val',)",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(128,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "32",
 ]
 
 
@@ -30,7 +45,13 @@ def _run(args, output_dir, timeout=600):
     command += TINY + ["OUTPUT_DIR", str(output_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env, cwd=REPO
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
     )
 
 
@@ -42,10 +63,23 @@ def _metrics(output_dir):
 def test_train_evaluate_and_resume_after_interruption(tmp_path):
     output = tmp_path / "run"
     command = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG]
-    command += TINY + ["SOLVER.MAX_ITER", "400", "SOLVER.CHECKPOINT_PERIOD", "1000", "OUTPUT_DIR", str(output)]
+    command += TINY + [
+        "SOLVER.MAX_ITER",
+        "400",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1000",
+        "OUTPUT_DIR",
+        str(output),
+    ]
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
         # Interrupt once training is under way (iteration 20 prints a metrics line).
         deadline = time.time() + 300
         while time.time() < deadline and "iter: 19" not in log_path.read_text():
@@ -60,21 +94,38 @@ def test_train_evaluate_and_resume_after_interruption(tmp_path):
     # The last iteration known to be complete (an interrupted step is redone on resume).
     assert saved_iteration >= 18 and (output / saved).exists()
 
-    resumed = _run(["--resume", "SOLVER.MAX_ITER", str(saved_iteration + 4), "TEST.EVAL_PERIOD", "0"], output)
+    resumed = _run(
+        ["--resume", "SOLVER.MAX_ITER", str(saved_iteration + 4), "TEST.EVAL_PERIOD", "0"], output
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"Starting training from iteration {saved_iteration + 1}" in resumed.stdout
     assert (output / "model_final.pth").exists()
     # Final evaluation: all-class box / mask AP and mask AP on seen and unseen classes.
     final = [m for m in _metrics(output) if "segm/AP" in m][-1]
-    for key in ("bbox/AP", "segm/AP", "segm/seen/AP", "segm/unseen/AP", "segm/voc/AP", "segm/nonvoc/AP"):
+    for key in (
+        "bbox/AP",
+        "segm/AP",
+        "segm/seen/AP",
+        "segm/unseen/AP",
+        "segm/voc/AP",
+        "segm/nonvoc/AP",
+    ):
         assert key in final, sorted(final)
     assert "Mask AP by class group" in resumed.stdout
 
     # Head-only training from the trained detector: the detector's weights do not move.
     head_only = tmp_path / "head_only"
     result = _run(
-        ["MODEL.FREEZE_DETECTOR", "True", "MODEL.WEIGHTS", str(output / "model_final.pth"),
-         "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0"],
+        [
+            "MODEL.FREEZE_DETECTOR",
+            "True",
+            "MODEL.WEIGHTS",
+            str(output / "model_final.pth"),
+            "SOLVER.MAX_ITER",
+            "3",
+            "TEST.EVAL_PERIOD",
+            "0",
+        ],
         head_only,
     )
     assert result.returncode == 0, result.stdout[-3000:]
@@ -82,24 +133,34 @@ def test_train_evaluate_and_resume_after_interruption(tmp_path):
     import torch
 
     before = torch.load(output / "model_final.pth", map_location="cpu", weights_only=False)["model"]
-    after = torch.load(head_only / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    after = torch.load(head_only / "model_final.pth", map_location="cpu", weights_only=False)[
+        "model"
+    ]
     for name, value in after.items():
         if name.startswith(("backbone.", "proposal_generator.", "roi_heads.box_")):
             assert torch.equal(value, before[name]), name
-    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("roi_heads.mask_head."))
+    assert any(
+        not torch.equal(after[n], before[n]) for n in after if n.startswith("roi_heads.mask_head.")
+    )
 
     # Evaluation only, from the checkpoint.
-    evaluated = _run(["--eval-only", "MODEL.WEIGHTS", str(output / "model_final.pth")], tmp_path / "eval")
+    evaluated = _run(
+        ["--eval-only", "MODEL.WEIGHTS", str(output / "model_final.pth")], tmp_path / "eval"
+    )
     assert evaluated.returncode == 0, evaluated.stdout[-3000:]
     assert "copypaste" in evaluated.stdout and "seen" in evaluated.stdout
 
 
 def test_bad_configuration_values_fail_clearly(tmp_path):
-    result = _run(["DATASETS.MASK_TRAIN_CLASSES", "voc,not_a_shape", "SOLVER.MAX_ITER", "1"], tmp_path / "a")
+    result = _run(
+        ["DATASETS.MASK_TRAIN_CLASSES", "voc,not_a_shape", "SOLVER.MAX_ITER", "1"], tmp_path / "a"
+    )
     assert result.returncode != 0 and "not_a_shape" in result.stdout
     result = _run(["SOLVER.OPTIMIZER", "LION", "SOLVER.MAX_ITER", "1"], tmp_path / "b")
     assert result.returncode != 0 and "SOLVER.OPTIMIZER must be" in result.stdout
     result = _run(["MODEL.FREEZE_DETECTOR", "True", "SOLVER.MAX_ITER", "1"], tmp_path / "c")
     assert result.returncode != 0 and "set MODEL.WEIGHTS" in result.stdout
-    result = _run(["MODEL.ROI_MASK_HEAD.NAME", "NoSuchHead", "SOLVER.MAX_ITER", "1"], tmp_path / "d")
+    result = _run(
+        ["MODEL.ROI_MASK_HEAD.NAME", "NoSuchHead", "SOLVER.MAX_ITER", "1"], tmp_path / "d"
+    )
     assert result.returncode != 0 and "NoSuchHead" in result.stdout

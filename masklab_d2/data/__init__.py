@@ -2,6 +2,7 @@
 
 Importing this package registers the shapes datasets with detectron2 (see `datasets.py`).
 """
+
 from masklab_d2.utils.detectron2 import require_detectron2
 
 require_detectron2("masklab_d2.data")

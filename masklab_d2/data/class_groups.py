@@ -4,6 +4,7 @@ A dataset's groups come from its metadata (``metadata.class_groups``, a dict of 
 class names); datasets with COCO's 80 categories get COCO's VOC / non-VOC split automatically.
 Nothing here imports detectron2: metadata is read by attribute.
 """
+
 from typing import Dict, List, Sequence
 
 # COCO category ids of the 20 PASCAL VOC classes (the "seen" split of the VOC -> non-VOC

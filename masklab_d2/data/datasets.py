@@ -4,6 +4,7 @@ Importing `masklab_d2.data` registers ``shapes_train``, ``shapes_val``, ``shapes
 ``shapes_tiny_val`` (generated on first use, see :mod:`masklab_d2.data.shapes`) and gives
 detectron2's built-in COCO datasets their VOC / non-VOC class groups.
 """
+
 import json
 import logging
 import os
@@ -47,7 +48,9 @@ def check_coco_json(json_file: str, max_examples: int = 5) -> dict:
             raise DatasetFormatError(f"{json_file}: duplicate image id {image['id']}")
         images[image["id"]] = image
     category_ids = {category["id"] for category in data["categories"]}
-    duplicate_annotations = [k for k, n in Counter(a.get("id") for a in data["annotations"]).items() if n > 1]
+    duplicate_annotations = [
+        k for k, n in Counter(a.get("id") for a in data["annotations"]).items() if n > 1
+    ]
     if duplicate_annotations:
         raise DatasetFormatError(
             f"{json_file}: duplicate annotation ids {duplicate_annotations[:max_examples]}"
@@ -66,8 +69,14 @@ def check_coco_json(json_file: str, max_examples: int = 5) -> dict:
                 f"in 'categories' (ids {sorted(category_ids)})"
             )
         bbox = annotation.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DatasetFormatError(f"{where} has a malformed bbox {bbox!r}: expected [x, y, w, h]")
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)
+        ):
+            raise DatasetFormatError(
+                f"{where} has a malformed bbox {bbox!r}: expected [x, y, w, h]"
+            )
         if bbox[2] < 0 or bbox[3] < 0:
             raise DatasetFormatError(f"{where} has a negative box size {bbox}")
         image = images[annotation["image_id"]]
@@ -79,15 +88,21 @@ def check_coco_json(json_file: str, max_examples: int = 5) -> dict:
             outside.append((annotation.get("id"), image.get("file_name"), bbox))
         elif x < 0 or y < 0 or x + w > width + 0.5 or y + h > height + 0.5:
             partly_outside.append((annotation.get("id"), image.get("file_name"), bbox))
-    for found, what in ((partly_outside, "extend outside their image and are clipped"),
-                        (outside, "lie wholly outside their image and are dropped")):
+    for found, what in (
+        (partly_outside, "extend outside their image and are clipped"),
+        (outside, "lie wholly outside their image and are dropped"),
+    ):
         if found:
-            examples = ", ".join(f"annotation {a} in {f} bbox {b}" for a, f, b in found[:max_examples])
+            examples = ", ".join(
+                f"annotation {a} in {f} bbox {b}" for a, f, b in found[:max_examples]
+            )
             logger.warning(f"{json_file}: {len(found)} boxes {what}, e.g. {examples}")
     return data
 
 
-def load_coco_json_checked(json_file: str, image_root: str, dataset_name: Optional[str] = None) -> List[dict]:
+def load_coco_json_checked(
+    json_file: str, image_root: str, dataset_name: Optional[str] = None
+) -> List[dict]:
     """detectron2's `load_coco_json` after :func:`check_coco_json`."""
     check_coco_json(json_file)
     return load_coco_json(json_file, image_root, dataset_name)
@@ -151,12 +166,16 @@ def register_shapes_datasets(root: Optional[str] = None) -> List[str]:
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(name, lambda split=split, name=name: _load_shapes(split, name, root))
+        DatasetCatalog.register(
+            name, lambda split=split, name=name: _load_shapes(split, name, root)
+        )
         split_dir = os.path.join(root or shapes.default_root(), shapes.GENERATOR_VERSION, split)
         MetadataCatalog.get(name).set(
             thing_classes=[c["name"] for c in categories],
             thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
-            class_groups={group: list(members) for group, members in shapes.SHAPES_CLASS_GROUPS.items()},
+            class_groups={
+                group: list(members) for group, members in shapes.SHAPES_CLASS_GROUPS.items()
+            },
             json_file=os.path.join(split_dir, "annotations.json"),
             image_root=os.path.join(split_dir, "images"),
             evaluator_type="coco",
@@ -174,13 +193,18 @@ def ensure_materialized(dataset_name: str):
     """
     metadata = MetadataCatalog.get(dataset_name)
     json_file = metadata.get("json_file")
-    if (json_file is not None and not os.path.exists(json_file)) or not metadata.get("thing_classes"):
+    if (json_file is not None and not os.path.exists(json_file)) or not metadata.get(
+        "thing_classes"
+    ):
         DatasetCatalog.get(dataset_name)
     return metadata
 
 
 def check_mask_supervision(
-    dataset_dicts: List[dict], mask_class_ids: Optional[Sequence[int]], selection: str, class_names=None
+    dataset_dicts: List[dict],
+    mask_class_ids: Optional[Sequence[int]],
+    selection: str,
+    class_names=None,
 ) -> Counter:
     """Counts the masks the mask branch will train on, per contiguous class id.
 
@@ -207,5 +231,7 @@ def check_mask_supervision(
         empty = [class_names[i] if class_names else i for i in sorted(selected) if counts[i] == 0]
         if empty:
             logger.warning(f"Selected mask classes without any mask in the training data: {empty}")
-    logger.info(f"Mask supervision: {usable} masks over {len([i for i in selected if counts[i]])} classes")
+    logger.info(
+        f"Mask supervision: {usable} masks over {len([i for i in selected if counts[i]])} classes"
+    )
     return counts

@@ -6,6 +6,7 @@ mask), and `filter_empty_instances` removes instances whose mask is empty, box i
 instance carries ``gt_has_mask``; instances without a mask get a placeholder that no loss reads
 (the ROI heads drop them before the mask branch) and keep training the RPN and box head.
 """
+
 import copy
 import logging
 from typing import Iterable, List, Optional
@@ -83,7 +84,13 @@ def annotations_to_partial_instances(annotations: List[dict], image_size, mask_f
             if not annotation["has_mask"]:
                 polygons.append(_box_polygon(box))
             elif isinstance(annotation["segmentation"], list):
-                polygons.append([np.asarray(p, dtype=np.float64) for p in annotation["segmentation"] if len(p) >= 6])
+                polygons.append(
+                    [
+                        np.asarray(p, dtype=np.float64)
+                        for p in annotation["segmentation"]
+                        if len(p) >= 6
+                    ]
+                )
             else:
                 raise ValueError(
                     "An annotation has an RLE/bitmask segmentation but INPUT.MASK_FORMAT is "
@@ -104,7 +111,9 @@ def annotations_to_partial_instances(annotations: List[dict], image_size, mask_f
             else:
                 masks.append(np.asarray(segmentation).astype(bool))
         target.gt_masks = BitMasks(
-            torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.bool)
+            torch.from_numpy(np.stack(masks))
+            if masks
+            else torch.zeros((0, height, width), dtype=torch.bool)
         )
     else:
         raise ValueError(f"Unknown mask format {mask_format!r}: use 'polygon' or 'bitmask'")
@@ -128,14 +137,18 @@ class PartialMaskDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool = True, *, mask_class_ids: Optional[Iterable[int]] = None, **kwargs):
+    def __init__(
+        self, is_train: bool = True, *, mask_class_ids: Optional[Iterable[int]] = None, **kwargs
+    ):
         super().__init__(is_train, **kwargs)
         self.mask_class_ids = None if mask_class_ids is None else frozenset(mask_class_ids)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        ret["mask_class_ids"] = mask_train_class_ids(cfg) if (cfg.MODEL.MASK_ON and is_train) else None
+        ret["mask_class_ids"] = (
+            mask_train_class_ids(cfg) if (cfg.MODEL.MASK_ON and is_train) else None
+        )
         return ret
 
     def __call__(self, dataset_dict):

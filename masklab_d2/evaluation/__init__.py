@@ -1,4 +1,5 @@
 """Evaluation: COCO box and mask AP with mask AP on seen / unseen / named class groups."""
+
 from masklab_d2.utils.detectron2 import require_detectron2
 
 require_detectron2("masklab_d2.evaluation")

@@ -10,6 +10,7 @@ own number with ``params.catIds`` restricted to the group (not an average of per
 Results land in ``results["segm"]["<group>/AP"]`` (also AP50, AP75, APs, APm, APl), hence in
 metrics.json as ``segm/<group>/AP``, and are printed as a table.
 """
+
 import contextlib
 import io
 import itertools
@@ -70,7 +71,9 @@ def evaluate_on_categories(
 
 
 def _has_ground_truth(coco_gt, category_ids, img_ids) -> bool:
-    ids = coco_gt.getAnnIds(imgIds=list(img_ids) if img_ids is not None else [], catIds=list(category_ids))
+    ids = coco_gt.getAnnIds(
+        imgIds=list(img_ids) if img_ids is not None else [], catIds=list(category_ids)
+    )
     return len(ids) > 0
 
 

@@ -1,4 +1,5 @@
 """Torch-only building blocks and op wrappers. Nothing here imports detectron2."""
+
 from .crop_and_resize import CropAndResize, crop_and_resize, crop_and_resize_reference
 from .deformable_crop_and_resize import (
     DeformableCropAndResize,

@@ -3,6 +3,7 @@
 Imported lazily by the op wrappers, so that the pure-PyTorch parts of `masklab_d2.layers` work
 without a build. There is no silent fallback to the reference implementations.
 """
+
 from typing import Sequence
 
 import torch

@@ -11,6 +11,7 @@ feature map as ``x * spatial_scale`` (TensorFlow's corner-aligned convention, pi
 integers) or, with ``aligned=True``, ``x * spatial_scale - 0.5`` (pixel centres at half-integers,
 detectron2's ROIAlignV2 convention, so that crops of maps at different strides line up).
 """
+
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,16 +31,18 @@ def boxes_to_rois(boxes: BoxesLike) -> torch.Tensor:
     if isinstance(boxes, torch.Tensor):
         return boxes
     if not isinstance(boxes, (list, tuple)):
-        raise TypeError(f"boxes must be a [K, 5] tensor or a list of [K_i, 4] tensors, got {type(boxes)}")
+        raise TypeError(
+            f"boxes must be a [K, 5] tensor or a list of [K_i, 4] tensors, got {type(boxes)}"
+        )
     for i, b in enumerate(boxes):
         if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[1] != 4:
             shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b)
-            raise ValueError(f"boxes[{i}] must be a [K_i, 4] tensor of (x1, y1, x2, y2), got {shape}")
+            raise ValueError(
+                f"boxes[{i}] must be a [K_i, 4] tensor of (x1, y1, x2, y2), got {shape}"
+            )
     if len(boxes) == 0:
         raise ValueError("boxes is an empty list: pass one [K_i, 4] tensor per image")
-    batch_index = torch.cat(
-        [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0
-    )
+    batch_index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
     return torch.cat([batch_index, torch.cat(list(boxes), dim=0)], dim=1)
 
 

@@ -6,6 +6,7 @@ S x S crop lattice that it covers, and its shift is ``gamma * offset * (box_w, b
 al.'s normalisation, gamma = 0.1). With zero offsets the result is therefore *exactly* the plain
 :func:`~masklab_d2.layers.crop_and_resize`, which lets an offset network start from plain pooling.
 """
+
 from typing import Tuple, Union
 
 import torch
@@ -48,7 +49,14 @@ def deformable_crop_and_resize(
 
     out_h, out_w = _pair(output_size)
     return ops.deformable_crop_and_resize(
-        features, boxes_to_rois(boxes), offsets, float(spatial_scale), out_h, out_w, float(gamma), aligned
+        features,
+        boxes_to_rois(boxes),
+        offsets,
+        float(spatial_scale),
+        out_h,
+        out_w,
+        float(gamma),
+        aligned,
     )
 
 
@@ -80,7 +88,9 @@ class DeformableCropAndResize(nn.Module):
         self.gamma = gamma
         self.aligned = aligned
 
-    def forward(self, features: torch.Tensor, boxes: BoxesLike, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, boxes: BoxesLike, offsets: torch.Tensor
+    ) -> torch.Tensor:
         """[N, C, H, W], [K, 5], [K, 2, G, G] -> [K, C, S_h, S_w]."""
         if offsets.dim() != 4 or offsets.shape[2:] != (self.grid, self.grid):
             raise ValueError(

@@ -14,6 +14,7 @@ features (offsets of ~1000 box units after a few hundred AdamW steps were seen h
 * the network carries ``lr_factor`` (Deformable ConvNets train offset layers at 0.01x the base
   learning rate), which masklab_d2's optimiser builder applies to its parameters.
 """
+
 from typing import Optional
 
 import torch
@@ -95,7 +96,9 @@ class DeformableCropAndResizePool(nn.Module):
     ):
         super().__init__()
         if output_size % offset_net.grid:
-            raise ValueError(f"output size {output_size} is not divisible by grid {offset_net.grid}")
+            raise ValueError(
+                f"output size {output_size} is not divisible by grid {offset_net.grid}"
+            )
         self.output_size = output_size
         self.spatial_scale = float(spatial_scale)
         self.offset_net = offset_net

@@ -23,6 +23,7 @@ Choices the paper leaves open (each a config key of MaskLabHead, see README):
 * Crops sample the ROIAlign lattice of the box (bin centres), so the S x S masks paste into the
   image exactly as detectron2's other heads' masks do.
 """
+
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,9 +43,13 @@ class DirectionBinning:
         distance_metric: "box" (max(|u|, |v|)) or "ellipse" (sqrt(u^2 + v^2)).
     """
 
-    def __init__(self, num_directions: int = 8, num_distance_bins: int = 4, distance_metric: str = "box"):
+    def __init__(
+        self, num_directions: int = 8, num_distance_bins: int = 4, distance_metric: str = "box"
+    ):
         if num_directions < 1 or num_distance_bins < 1:
-            raise ValueError(f"need >= 1 direction and distance bin, got {num_directions}, {num_distance_bins}")
+            raise ValueError(
+                f"need >= 1 direction and distance bin, got {num_directions}, {num_distance_bins}"
+            )
         if distance_metric not in ("box", "ellipse"):
             raise ValueError(f"distance_metric must be 'box' or 'ellipse', got {distance_metric!r}")
         self.num_directions = num_directions
@@ -98,7 +103,9 @@ def direction_pool(direction_crops: torch.Tensor, template: torch.Tensor) -> tor
     Returns:
         Tensor[K, 1, S, S].
     """
-    index = template.to(direction_crops.device)[None, None].expand(direction_crops.shape[0], 1, -1, -1)
+    index = template.to(direction_crops.device)[None, None].expand(
+        direction_crops.shape[0], 1, -1, -1
+    )
     return torch.gather(direction_crops, 1, index)
 
 
@@ -150,22 +157,34 @@ class SemanticDirectionBranch(nn.Module):
         self.common_stride = common_stride
         if conv_dim == 0:
             if len(in_channels) != 1 or in_strides[0] != common_stride:
-                raise ValueError("without merge convs the branch reads one map at the common stride")
+                raise ValueError(
+                    "without merge convs the branch reads one map at the common stride"
+                )
             self.scale_heads = None
             top_channels = in_channels[0]
         else:
             self.scale_heads = nn.ModuleList()
             for channels, stride in zip(in_channels, in_strides):
                 if stride < common_stride:
-                    raise ValueError(f"input stride {stride} is finer than the common stride {common_stride}")
+                    raise ValueError(
+                        f"input stride {stride} is finer than the common stride {common_stride}"
+                    )
                 steps = max(1, int(math.log2(stride // common_stride)))
                 layers = []
                 for step in range(steps):
-                    conv = nn.Conv2d(channels if step == 0 else conv_dim, conv_dim, 3, padding=1, bias=norm is None)
+                    conv = nn.Conv2d(
+                        channels if step == 0 else conv_dim,
+                        conv_dim,
+                        3,
+                        padding=1,
+                        bias=norm is None,
+                    )
                     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
                     layers += [conv] + ([norm(conv_dim)] if norm else []) + [nn.ReLU(inplace=True)]
                     if stride > common_stride:
-                        layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                        layers.append(
+                            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+                        )
                         stride //= 2
                 self.scale_heads.append(nn.Sequential(*layers))
             top_channels = conv_dim
@@ -189,7 +208,9 @@ class SemanticDirectionBranch(nn.Module):
                 if out.shape[-2:] != top.shape[-2:]:
                     # Input sizes that are not multiples of the coarsest stride leave the
                     # upsampled levels a pixel off.
-                    out = F.interpolate(out, size=top.shape[-2:], mode="bilinear", align_corners=False)
+                    out = F.interpolate(
+                        out, size=top.shape[-2:], mode="bilinear", align_corners=False
+                    )
                 top = top + out
         return self.semantic(top), self.direction(top)
 
@@ -218,7 +239,9 @@ class CoarseMaskFusion(nn.Module):
 
     def forward(self, semantic_crop: torch.Tensor, pooled_direction: torch.Tensor) -> torch.Tensor:
         """[K, 1, S, S], [K, 1, S, S] -> [K, 1, S, S] (an unused input may be None)."""
-        inputs = ([semantic_crop] if self.use_semantic else []) + ([pooled_direction] if self.use_direction else [])
+        inputs = ([semantic_crop] if self.use_semantic else []) + (
+            [pooled_direction] if self.use_direction else []
+        )
         return self.conv(torch.cat(inputs, dim=1))
 
 
@@ -235,7 +258,9 @@ class HypercolumnRefinement(nn.Module):
         kernel_size: k.
     """
 
-    def __init__(self, in_channels: int, num_convs: int = 3, conv_dim: int = 64, kernel_size: int = 5):
+    def __init__(
+        self, in_channels: int, num_convs: int = 3, conv_dim: int = 64, kernel_size: int = 5
+    ):
         super().__init__()
         layers = []
         channels = in_channels + 1
@@ -256,7 +281,11 @@ class HypercolumnRefinement(nn.Module):
 
 
 def crop_semantic_channels(
-    semantic_logits: torch.Tensor, rois: torch.Tensor, classes: torch.Tensor, spatial_scale: float, size: int
+    semantic_logits: torch.Tensor,
+    rois: torch.Tensor,
+    classes: torch.Tensor,
+    spatial_scale: float,
+    size: int,
 ) -> torch.Tensor:
     """Crops, per roi, the semantic channel of its class.
 
@@ -321,7 +350,9 @@ def dense_targets(
     in_mask = sampled & has_mask[:, None, None]
     for index in torch.nonzero(~has_mask).flatten().tolist():
         x1, y1, x2, y2 = boxes[index].tolist()
-        inside = (ys[:, None] >= y1) & (ys[:, None] <= y2) & (xs[None, :] >= x1) & (xs[None, :] <= x2)
+        inside = (
+            (ys[:, None] >= y1) & (ys[:, None] <= y2) & (xs[None, :] >= x1) & (xs[None, :] <= x2)
+        )
         semantic[inside] = ignore_value
     v_grid, u_grid = ys[:, None].expand(height, width), xs[None, :].expand(height, width)
     for index in torch.nonzero(has_mask).flatten().tolist():

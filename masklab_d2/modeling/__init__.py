@@ -2,6 +2,7 @@
 
 Importing this package registers everything with detectron2's registries.
 """
+
 from masklab_d2.utils.detectron2 import require_detectron2
 
 require_detectron2("masklab_d2.modeling")
@@ -9,8 +10,8 @@ require_detectron2("masklab_d2.modeling")
 from . import backbone as _backbone  # noqa: E402,F401  (registration)
 from . import blendmask_head as _blendmask_head  # noqa: E402,F401  (registration)
 from . import box_heads as _box_heads  # noqa: E402,F401  (registration)
-from . import masklab_head as _masklab_head  # noqa: E402,F401  (registration)
 from . import deep_marc_head as _deep_marc_head  # noqa: E402,F401  (registration)
+from . import masklab_head as _masklab_head  # noqa: E402,F401  (registration)
 from .freeze import freeze_detector  # noqa: E402
 from .poolers import build_roi_pooler  # noqa: E402
 from .roi_heads import PartialROIHeads  # noqa: E402

@@ -13,6 +13,7 @@ or 2 only. These builders add what the mask-head experiments need, and nothing h
 
 With none of those options set, the networks (and their parameter names) are detectron2's.
 """
+
 from typing import Dict, List, Sequence
 
 import torch.nn.functional as F
@@ -103,7 +104,13 @@ class HypercolumnResNet(ResNet):
 def _stage_dilations(cfg) -> List[List[int]]:
     """Per-block dilation of res2..res5."""
     depth = cfg.MODEL.RESNETS.DEPTH
-    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+    blocks = {
+        18: [2, 2, 2, 2],
+        34: [3, 4, 6, 3],
+        50: [3, 4, 6, 3],
+        101: [3, 4, 23, 3],
+        152: [3, 8, 36, 3],
+    }
     if depth not in blocks:
         raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(blocks)}, got {depth}")
     num_blocks = blocks[depth]

@@ -1,4 +1,5 @@
 """Box heads: MaskLab's box classifier, a duplicated atrous res5 (Res5BoxHead)."""
+
 from typing import Sequence
 
 import torch
@@ -41,7 +42,11 @@ class Res5BoxHead(nn.Module):
                 f"Res5BoxHead expects pooled res4 features with {res5[0].in_channels} channels, "
                 f"got {input_shape.channels}"
             )
-        return {"input_shape": input_shape, "res5": res5, "pool_first": cfg.MODEL.ROI_BOX_HEAD.RES5_POOL_FIRST}
+        return {
+            "input_shape": input_shape,
+            "res5": res5,
+            "pool_first": cfg.MODEL.ROI_BOX_HEAD.RES5_POOL_FIRST,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[R, C_res4, P, P] -> [R, C_res5]."""

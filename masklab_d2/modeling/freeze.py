@@ -1,4 +1,5 @@
 """Head-only training: freeze a trained detector and train only its mask branch."""
+
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
@@ -32,9 +33,15 @@ def freeze_detector(model: nn.Module) -> nn.Module:
             parameter.requires_grad_(True)
     model.backbone = FrozenBatchNorm2d.convert_frozen_batchnorm(model.backbone)
     if getattr(model, "proposal_generator", None) is not None:
-        model.proposal_generator = FrozenBatchNorm2d.convert_frozen_batchnorm(model.proposal_generator)
+        model.proposal_generator = FrozenBatchNorm2d.convert_frozen_batchnorm(
+            model.proposal_generator
+        )
     roi_heads = model.roi_heads
     for name in ("box_pooler", "box_head", "box_predictor"):
         if getattr(roi_heads, name, None) is not None:
-            setattr(roi_heads, name, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(roi_heads, name)))
+            setattr(
+                roi_heads,
+                name,
+                FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(roi_heads, name)),
+            )
     return model

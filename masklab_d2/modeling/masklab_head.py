@@ -11,6 +11,7 @@ against the ground-truth mask on the same S x S lattice, via detectron2's ``mask
 optionally per-pixel semantic (``loss_semantic``) and direction (``loss_direction``) losses on
 the dense logits, where instances without a mask (partial supervision) are ignored.
 """
+
 from typing import Dict, List, Optional
 
 import torch
@@ -88,7 +89,9 @@ class MaskLabHead(nn.Module):
             direction_center: "box" or "mask", the centre of the dense direction targets.
         """
         super().__init__()
-        missing = [f for f in list(dense_in_features) + list(hypercolumn_features) if f not in input_shape]
+        missing = [
+            f for f in list(dense_in_features) + list(hypercolumn_features) if f not in input_shape
+        ]
         if missing:
             raise ValueError(
                 f"MaskLabHead needs features {missing}, but the ROI heads pass {sorted(input_shape)}: "
@@ -129,7 +132,9 @@ class MaskLabHead(nn.Module):
             if self.hypercolumn_features
             else None
         )
-        self.register_buffer("direction_template", binning.crop_template(crop_size), persistent=False)
+        self.register_buffer(
+            "direction_template", binning.crop_template(crop_size), persistent=False
+        )
         self.keep_intermediates = False
         self.intermediates: Dict[str, torch.Tensor] = {}
 
@@ -177,18 +182,26 @@ class MaskLabHead(nn.Module):
             Training: a dict of losses. Inference: ``instances`` with ``pred_masks``
             [R_i, 1, S, S] probabilities.
         """
-        semantic_logits, direction_logits = self.dense_branch([features[f] for f in self.dense_in_features])
+        semantic_logits, direction_logits = self.dense_branch(
+            [features[f] for f in self.dense_in_features]
+        )
         boxes = [(x.proposal_boxes if self.training else x.pred_boxes).tensor for x in instances]
         classes = cat([x.gt_classes if self.training else x.pred_classes for x in instances])
-        batch_index = cat([torch.full((len(b),), i, device=classes.device) for i, b in enumerate(boxes)])
+        batch_index = cat(
+            [torch.full((len(b),), i, device=classes.device) for i, b in enumerate(boxes)]
+        )
         rois = lattice_rois(cat(boxes), batch_index, self.crop_size)
         scale = 1.0 / self.common_stride
 
         semantic_crop = pooled_direction = None
         if self.fusion.use_semantic:
-            semantic_crop = crop_semantic_channels(semantic_logits, rois, classes, scale, self.crop_size)
+            semantic_crop = crop_semantic_channels(
+                semantic_logits, rois, classes, scale, self.crop_size
+            )
         if self.fusion.use_direction:
-            direction_crops = crop_and_resize(direction_logits, rois, scale, self.crop_size, aligned=True)
+            direction_crops = crop_and_resize(
+                direction_logits, rois, scale, self.crop_size, aligned=True
+            )
             pooled_direction = direction_pool(direction_crops, self.direction_template)
         coarse = self.fusion(semantic_crop, pooled_direction)
         refined = None
@@ -223,7 +236,9 @@ class MaskLabHead(nn.Module):
             losses.update(self._dense_losses(semantic_logits, direction_logits, gt_instances))
         return losses
 
-    def _dense_losses(self, semantic_logits, direction_logits, gt_instances) -> Dict[str, torch.Tensor]:
+    def _dense_losses(
+        self, semantic_logits, direction_logits, gt_instances
+    ) -> Dict[str, torch.Tensor]:
         """Per-pixel cross entropies; instances without masks are ignored, not background."""
         semantic_targets, direction_targets = [], []
         for targets in gt_instances:
@@ -231,7 +246,11 @@ class MaskLabHead(nn.Module):
             height, width = targets.image_size
             if isinstance(masks, PolygonMasks):
                 masks = BitMasks.from_polygon_masks(masks, height, width)
-            has_mask = targets.gt_has_mask if targets.has("gt_has_mask") else torch.ones(len(targets), dtype=torch.bool)
+            has_mask = (
+                targets.gt_has_mask
+                if targets.has("gt_has_mask")
+                else torch.ones(len(targets), dtype=torch.bool)
+            )
             semantic, direction = dense_targets(
                 masks.tensor.to(semantic_logits.device),
                 targets.gt_boxes.tensor,

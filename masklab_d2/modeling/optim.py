@@ -1,4 +1,5 @@
 """Per-module learning-rate factors for the optimiser."""
+
 from typing import Callable
 
 from torch import nn

@@ -5,6 +5,7 @@ per-level poolers swapped for masklab_d2's crop ops, so they plug into any head 
 features. "DeformableCropAndResize" learns sub-box offsets (MaskLab's deformable crop and resize);
 one offset network is shared by all feature levels, as the box head is.
 """
+
 from typing import Dict, Sequence
 
 from detectron2.layers import ShapeSpec
@@ -51,7 +52,9 @@ class DeformableCropAndResizePooler(ROIPooler):
         **kwargs,
     ):
         super().__init__(output_size, scales, sampling_ratio=0, pooler_type="ROIAlignV2", **kwargs)
-        self.offset_net = SubBoxOffsetNet(in_channels, output_size, grid, hidden_dim, max_offset, lr_factor)
+        self.offset_net = SubBoxOffsetNet(
+            in_channels, output_size, grid, hidden_dim, max_offset, lr_factor
+        )
         self.level_poolers = nn.ModuleList(
             DeformableCropAndResizePool(output_size, scale, self.offset_net, gamma=gamma)
             for scale in scales
@@ -73,14 +76,18 @@ def build_roi_pooler(head_cfg, input_shape: Dict[str, ShapeSpec], in_features: S
     scales = tuple(1.0 / input_shape[f].stride for f in in_features)
     channels = {input_shape[f].channels for f in in_features}
     if len(channels) != 1:
-        raise ValueError(f"pooled features {list(in_features)} must share a channel count, got {channels}")
+        raise ValueError(
+            f"pooled features {list(in_features)} must share a channel count, got {channels}"
+        )
     in_channels = channels.pop()
     pooler_type = head_cfg.POOLER_TYPE
     if pooler_type == "CropAndResize":
         pooler = CropAndResizePooler(resolution, scales)
     elif pooler_type == "DeformableCropAndResize":
         if "DEFORMABLE_GRID" not in head_cfg:
-            raise ValueError("POOLER_TYPE 'DeformableCropAndResize' is available for the box head only")
+            raise ValueError(
+                "POOLER_TYPE 'DeformableCropAndResize' is available for the box head only"
+            )
         pooler = DeformableCropAndResizePooler(
             resolution,
             scales,

@@ -9,10 +9,13 @@ One ROI-heads class serves every mask head; what it adds, and nothing head-speci
   foreground proposals; inference always uses the predicted boxes;
 * ``MODEL.ROI_MASK_HEAD.IN_FEATURES``: the maps the mask branch reads, when they differ from the
   box branch's (e.g. MaskLab's dense branch and hypercolumn);
+* ``MODEL.ROI_MASK_HEAD.MAX_TRAIN_ROIS_PER_IMAGE``: at most this many (randomly chosen) foreground
+  proposals per image train the mask branch, bounding its cost (0: all);
 * poolers by name, including "CropAndResize" and "DeformableCropAndResize" (box branch);
 * mask heads that declare ``uses_image_targets = True`` also receive the image's ground truth
   (all instances, ``gt_has_mask`` included) in training, for dense auxiliary losses.
 """
+
 from typing import Dict, List, Optional
 
 import torch
@@ -30,7 +33,12 @@ def instances_with_masks(instances: Instances) -> torch.Tensor:
     """Bool [N]: which (ground-truth or matched proposal) instances carry a real mask."""
     if instances.has("gt_has_mask"):
         return instances.gt_has_mask
-    return torch.full((len(instances),), instances.has("gt_masks"), dtype=torch.bool, device=instances.gt_classes.device)
+    return torch.full(
+        (len(instances),),
+        instances.has("gt_masks"),
+        dtype=torch.bool,
+        device=instances.gt_classes.device,
+    )
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -38,10 +46,14 @@ class PartialROIHeads(StandardROIHeads):
     """StandardROIHeads with partial mask supervision and crop-to-ground-truth (module docstring)."""
 
     @configurable
-    def __init__(self, *, train_mask_on_gt_boxes: bool = False, **kwargs):
+    def __init__(
+        self, *, train_mask_on_gt_boxes: bool = False, max_mask_rois_per_image: int = 0, **kwargs
+    ):
         """
         Args:
             train_mask_on_gt_boxes: train the mask branch on ground-truth boxes.
+            max_mask_rois_per_image: cap on the foreground proposals per image that train the
+                mask branch (0: no cap).
             kwargs: see :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
@@ -51,17 +63,21 @@ class PartialROIHeads(StandardROIHeads):
                 "both choose the boxes the mask branch trains on; set only one"
             )
         self.train_mask_on_gt_boxes = train_mask_on_gt_boxes
+        self.max_mask_rois_per_image = max_mask_rois_per_image
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["train_mask_on_gt_boxes"] = cfg.MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES
+        ret["max_mask_rois_per_image"] = cfg.MODEL.ROI_MASK_HEAD.MAX_TRAIN_ROIS_PER_IMAGE
         return ret
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        box_pooler, pooled_shape = build_roi_pooler(cfg.MODEL.ROI_BOX_HEAD, input_shape, in_features)
+        box_pooler, pooled_shape = build_roi_pooler(
+            cfg.MODEL.ROI_BOX_HEAD, input_shape, in_features
+        )
         box_head = build_box_head(cfg, pooled_shape)
         return {
             "box_in_features": in_features,
@@ -82,7 +98,9 @@ class PartialROIHeads(StandardROIHeads):
                 f"(it has {sorted(input_shape)})"
             )
         if cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE:
-            mask_pooler, head_input = build_roi_pooler(cfg.MODEL.ROI_MASK_HEAD, input_shape, in_features)
+            mask_pooler, head_input = build_roi_pooler(
+                cfg.MODEL.ROI_MASK_HEAD, input_shape, in_features
+            )
         else:
             mask_pooler, head_input = None, {f: input_shape[f] for f in in_features}
         return {
@@ -117,7 +135,21 @@ class PartialROIHeads(StandardROIHeads):
                 selected.append(instances)
             return selected
         foreground, _ = select_foreground_proposals(proposals, self.num_classes)
-        return [x[instances_with_masks(x)] for x in foreground]
+        selected = [x[instances_with_masks(x)] for x in foreground]
+        if self.max_mask_rois_per_image > 0:
+            selected = [
+                (
+                    x[
+                        torch.randperm(len(x), device=x.gt_classes.device)[
+                            : self.max_mask_rois_per_image
+                        ]
+                    ]
+                    if len(x) > self.max_mask_rois_per_image
+                    else x
+                )
+                for x in selected
+            ]
+        return selected
 
     def _forward_mask(
         self,

@@ -9,6 +9,7 @@ alone, for the gradients named in the table: the feature gradient (what roi_alig
 for the crop ops also the geometry gradient (boxes, or the deformable op's offsets, which is how
 it is trained). "/ plain" compares with crop_and_resize computing the same kind of gradients. Times are the median of --repeat runs after a warm-up.
 """
+
 import argparse
 import statistics
 import time
@@ -70,14 +71,30 @@ def benchmark(
             device
         )
         cases = [
-            ("roi_align (torchvision)", "features",
-             lambda f: roi_align(f, rois, size, scale, 1, True), [features]),
-            ("crop_and_resize", "features",
-             lambda f: crop_and_resize(f, rois, scale, size), [features]),
-            ("crop_and_resize", "features + boxes",
-             lambda f, b: crop_and_resize(f, b, scale, size), [features, rois]),
-            (f"deformable_crop_and_resize (G={cell_grid})", "features + offsets",
-             lambda f, o: deformable_crop_and_resize(f, rois, o, scale, size), [features, offsets]),
+            (
+                "roi_align (torchvision)",
+                "features",
+                lambda f: roi_align(f, rois, size, scale, 1, True),
+                [features],
+            ),
+            (
+                "crop_and_resize",
+                "features",
+                lambda f: crop_and_resize(f, rois, scale, size),
+                [features],
+            ),
+            (
+                "crop_and_resize",
+                "features + boxes",
+                lambda f, b: crop_and_resize(f, b, scale, size),
+                [features, rois],
+            ),
+            (
+                f"deformable_crop_and_resize (G={cell_grid})",
+                "features + offsets",
+                lambda f, o: deformable_crop_and_resize(f, rois, o, scale, size),
+                [features, offsets],
+            ),
         ]
         timings = [
             (op, grads, _forward_backward_times(fn, inputs, device, repeat))
@@ -114,12 +131,21 @@ def format_table(rows: List[Dict[str, object]]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--boxes", type=int, default=512)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 41])
-    parser.add_argument("--grid", type=int, default=7, help="deformable sub-box grid G (G=1 if it does not divide the size)")
-    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda if available")
+    parser.add_argument(
+        "--grid",
+        type=int,
+        default=7,
+        help="deformable sub-box grid G (G=1 if it does not divide the size)",
+    )
+    parser.add_argument(
+        "--devices", nargs="+", default=None, help="default: cpu, plus cuda if available"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -128,7 +154,9 @@ def main(argv=None):
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     rows = []
     for device in devices:
-        rows += benchmark(device, args.boxes, args.channels, args.sizes, args.grid, args.repeat, args.seed)
+        rows += benchmark(
+            device, args.boxes, args.channels, args.sizes, args.grid, args.repeat, args.seed
+        )
     table = format_table(rows)
     threads = torch.get_num_threads()
     header = (

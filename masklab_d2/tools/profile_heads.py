@@ -131,7 +131,9 @@ class MaskBranch(nn.Module):
     def forward(self, features: Dict[str, torch.Tensor], instances):
         """As PartialROIHeads runs the mask branch at inference."""
         if self.pooler is not None:
-            pooled = self.pooler([features[f] for f in self.in_features], [x.pred_boxes for x in instances])
+            pooled = self.pooler(
+                [features[f] for f in self.in_features], [x.pred_boxes for x in instances]
+            )
             return self.head(pooled, instances)
         return self.head(features, instances)
 
@@ -183,7 +185,9 @@ class _TracedBranch(nn.Module):
         self.image_size = image_size
 
     def forward(self, *tensors):
-        out = self.branch(dict(zip(self.keys, tensors)), [make_instances(self.fields, self.image_size)])
+        out = self.branch(
+            dict(zip(self.keys, tensors)), [make_instances(self.fields, self.image_size)]
+        )
         return out[0].pred_masks
 
 

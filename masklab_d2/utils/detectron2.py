@@ -1,4 +1,5 @@
 """A clear ImportError when a detectron2 part of masklab_d2 is used without detectron2."""
+
 import importlib.util
 
 INSTALL_HINT = (
