@@ -41,7 +41,7 @@ from masklab_d2.config import load_config
 from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, register_coco_datasets
 from masklab_d2.data.datasets import check_mask_supervision
 from masklab_d2.evaluation import PartialCOCOEvaluator
-from masklab_d2.modeling import freeze_detector
+from masklab_d2.modeling import freeze_detector, load_detector_weights
 from masklab_d2.modeling.optim import module_lr_factors
 
 logger = logging.getLogger("masklab_d2")
@@ -158,6 +158,14 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         return super().build_hooks() + [CheckpointOnInterrupt()]
+
+    def resume_or_load(self, resume=True):
+        """As DefaultTrainer's; a new head-only run loads the detector but not its mask branch."""
+        if self.cfg.MODEL.FREEZE_DETECTOR and not (resume and self.checkpointer.has_checkpoint()):
+            load_detector_weights(self.checkpointer, self.cfg.MODEL.WEIGHTS)
+            self.start_iter = 0
+            return
+        super().resume_or_load(resume=resume)
 
 
 def setup(args):

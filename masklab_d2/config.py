@@ -40,7 +40,7 @@ def add_masklab_config(cfg: CN) -> None:
     _C.SOLVER.BETAS = (0.9, 0.999)
 
     # ---- Head-only training -----------------------------------------------------------------
-    # Load MODEL.WEIGHTS, freeze backbone, RPN and box branch (BN too), train the mask branch.
+    # Load MODEL.WEIGHTS but not its mask branch, freeze the detector, train the mask branch.
     _C.MODEL.FREEZE_DETECTOR = False
 
     # ---- ROI heads (PartialROIHeads, used by every head config) -----------------------------

@@ -8,6 +8,7 @@ pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
@@ -22,7 +23,7 @@ from masklab_d2.data import (  # noqa: E402
     resolve_class_selection,
 )
 from masklab_d2.data.datasets import DatasetFormatError, check_mask_supervision  # noqa: E402
-from masklab_d2.modeling import freeze_detector  # noqa: E402
+from masklab_d2.modeling import freeze_detector, load_detector_weights  # noqa: E402
 from masklab_d2.modeling.roi_heads import PartialROIHeads  # noqa: E402
 
 CONFIG = "shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml"
@@ -208,3 +209,24 @@ def test_mask_training_proposals_can_be_capped_per_image():
     selected = roi_heads._mask_training_instances([proposals, few], None)
     assert [len(x) for x in selected] == [3, 2]
     assert set(selected[0].gt_classes.tolist()) <= {0, 1, 2, 3, 4}  # only masked foreground
+
+
+def test_head_only_load_keeps_the_fresh_mask_branch(tmp_path):
+    """MODEL.WEIGHTS fills the detector; a same-architecture mask head in it is not loaded."""
+    cfg = tiny_cfg(CONFIG)
+    trained = build_model(cfg)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(1.0)  # "trained": every weight differs from a fresh model's
+    DetectionCheckpointer(trained, save_dir=str(tmp_path)).save("trained")
+
+    torch.manual_seed(1)
+    model = freeze_detector(build_model(cfg))
+    fresh_head = {k: v.clone() for k, v in model.roi_heads.mask_head.state_dict().items()}
+    load_detector_weights(DetectionCheckpointer(model), str(tmp_path / "trained.pth"))
+    for name, value in model.roi_heads.mask_head.state_dict().items():
+        assert torch.equal(value, fresh_head[name]), name
+    trained_state = trained.state_dict()
+    for name, value in model.state_dict().items():
+        if name.startswith(("backbone.", "proposal_generator.", "roi_heads.box_")):
+            assert torch.allclose(value, trained_state[name]), name

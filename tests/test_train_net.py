@@ -130,6 +130,7 @@ def test_train_evaluate_and_resume_after_interruption(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Detector frozen; training" in result.stdout
+    assert "the mask branch starts from its initialisation" in result.stdout
     import torch
 
     before = torch.load(output / "model_final.pth", map_location="cpu", weights_only=False)["model"]

@@ -1,7 +1,13 @@
 """Head-only training: freeze a trained detector and train only its mask branch."""
 
+import copy
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def mask_branch_modules(model: nn.Module):
@@ -45,3 +51,24 @@ def freeze_detector(model: nn.Module) -> nn.Module:
                 FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(roi_heads, name)),
             )
     return model
+
+
+def load_detector_weights(checkpointer: DetectionCheckpointer, path: str) -> None:
+    """Loads a trained model's weights into ``checkpointer.model``, except its mask branch.
+
+    The mask branch keeps its own initialisation even when the checkpoint holds a mask head of
+    the same architecture: a head-only run trains its head from scratch, as every other head in
+    a comparison does, rather than fine-tuning the one the detector was trained with. Restoring
+    the initial state after a full load (instead of dropping keys before it) works for every
+    checkpoint format detectron2 reads, renamed Caffe2 / pickle keys included.
+
+    Args:
+        checkpointer: the trainer's checkpointer (its model is the unwrapped model).
+        path: MODEL.WEIGHTS.
+    """
+    branch = mask_branch_modules(checkpointer.model)
+    initial_states = [copy.deepcopy(module.state_dict()) for module in branch]
+    checkpointer.load(path, checkpointables=[])
+    for module, state in zip(branch, initial_states):
+        module.load_state_dict(state)
+    logger.info(f"Loaded the detector from {path}; the mask branch starts from its initialisation")

@@ -1,16 +1,16 @@
 """Config sweeps: a grid of train_net.py runs, launched locally or on Slurm, resumable.
 
-    python -m masklab_d2.tools.sweep projects/sweeps/shapes_partial_heads.yaml --dry-run
-    python -m masklab_d2.tools.sweep projects/sweeps/shapes_partial_heads.yaml [--parallel 2]
-    python -m masklab_d2.tools.sweep projects/sweeps/shapes_partial_heads.yaml --launcher slurm
-    python -m masklab_d2.tools.sweep projects/sweeps/shapes_partial_heads.yaml --report
+    python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml --dry-run
+    python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml [--parallel 2]
+    python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml --launcher slurm
+    python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml --report
     (also: --output-root DIR, --filter REGEX on run names, --no-retry-failed, --no-report)
 
 A sweep file (YAML) describes the runs::
 
     base_config: configs/shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml  # relative to the sweep
                                                     # file, else to the repository, else the cwd
-    output_root: output/sweeps/shapes_partial_heads # relative to the cwd (as OUTPUT_DIR is)
+    output_root: output/sweeps/shapes-partial-heads # relative to the cwd (as OUTPUT_DIR is)
     axes:                                           # the grid: the product of all axes
       head:                                         # named groups: label -> config and/or keys
         mask_rcnn: {config: configs/shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml}
