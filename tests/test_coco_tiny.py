@@ -5,6 +5,8 @@ points it at ../shared/data/coco_tiny). Skipped where absent.
 """
 
 import copy
+import io
+import logging
 import os
 import random
 
@@ -165,9 +167,26 @@ def test_group_ap_equals_pycocotools_with_restricted_cat_ids(use_fast_impl):
 
 def test_all_classes_seen_has_no_unseen_group():
     inputs, outputs = _predictions_from_ground_truth("coco_tiny_val")
-    results = _evaluate("coco_tiny_val", inputs[:10], outputs[:10], "all")
+    evaluator = PartialCOCOEvaluator(
+        "coco_tiny_val", tasks=("bbox", "segm"), distributed=False, mask_train_classes="all"
+    )
+    printed = io.StringIO()
+    handler = logging.StreamHandler(printed)
+    level = evaluator._logger.level
+    evaluator._logger.addHandler(handler)
+    evaluator._logger.setLevel(logging.INFO)
+    try:
+        evaluator.reset()
+        evaluator.process(inputs[:10], outputs[:10])
+        results = evaluator.evaluate()
+    finally:
+        evaluator._logger.removeHandler(handler)
+        evaluator._logger.setLevel(level)
     assert "unseen/AP" not in results["segm"]
     assert results["segm"]["seen/AP"] == pytest.approx(results["segm"]["AP"])
+    # The table still has an unseen row, saying there is nothing to measure.
+    unseen_row = [line for line in printed.getvalue().splitlines() if line.startswith("| unseen")]
+    assert len(unseen_row) == 1 and "|          0 |" in unseen_row[0] and "-" in unseen_row[0]
 
 
 @pytest.mark.parametrize("mask_format", ["polygon", "bitmask"])

@@ -4,7 +4,7 @@ All-class box and mask AP come from detectron2's COCOEvaluator unchanged. Group 
 own number with ``params.catIds`` restricted to the group (not an average of per-class APs), for:
 
 * ``seen``: the classes of DATASETS.MASK_TRAIN_CLASSES (all classes for "all");
-* ``unseen``: the other classes (skipped when there are none);
+* ``unseen``: the other classes (printed as "-", not computed, when there are none);
 * each named class group of the dataset (COCO: ``voc`` / ``nonvoc``).
 
 Results land in ``results["segm"]["<group>/AP"]`` (also AP50, AP75, APs, APm, APl), hence in
@@ -97,8 +97,9 @@ class PartialCOCOEvaluator(COCOEvaluator):
             groups[name] = [thing_classes.index(c) for c in members]
         # Contiguous ids -> dataset category ids, as in the results pycocotools sees.
         to_dataset = {v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()}
+        # An empty group (unseen, under full supervision) stays, to be printed as such.
         self._class_groups = {
-            name: [to_dataset[i] for i in members] for name, members in groups.items() if members
+            name: [to_dataset[i] for i in members] for name, members in groups.items()
         }
 
     def _eval_predictions(self, predictions, img_ids=None):
@@ -112,6 +113,9 @@ class PartialCOCOEvaluator(COCOEvaluator):
             result["category_id"] = to_dataset[result["category_id"]]
         rows = []
         for name, category_ids in self._class_groups.items():
+            if not category_ids:
+                rows.append([name, 0, "-", "-", "-"])
+                continue
             metrics = evaluate_on_categories(
                 self._coco_api,
                 results,
