@@ -69,6 +69,16 @@ struct SamplingParams {
     plane_offset = (geometry.batch_index * channels + channel) * height * width;
     return result;
   }
+
+  // sample() for element ``index`` of a [K, C, out_h, out_w] output (or grad_output).
+  template <bool kDeformable>
+  __device__ __forceinline__ BilinearSample<acc_t> sample_element(
+      int64_t index, int64_t& plane_offset) const {
+    const int64_t j = index % out_w;
+    const int64_t i = (index / out_w) % out_h;
+    const int64_t rows = index / (out_w * out_h);
+    return sample<kDeformable>(rows / channels, rows % channels, i, j, plane_offset);
+  }
 };
 
 // One thread per output element (box, channel, i, j).
@@ -80,12 +90,8 @@ __global__ void forward_kernel(
     scalar_t* __restrict__ output) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t j = index % params.out_w;
-    const int64_t i = (index / params.out_w) % params.out_h;
-    const int64_t rows = index / (params.out_w * params.out_h);
     int64_t plane_offset;
-    const auto sample = params.template sample<kDeformable>(
-        rows / params.channels, rows % params.channels, i, j, plane_offset);
+    const auto sample = params.template sample_element<kDeformable>(index, plane_offset);
     const scalar_t* plane = features + plane_offset;
     acc_t value = 0;
 #pragma unroll
@@ -105,12 +111,8 @@ __global__ void backward_features_kernel(
     acc_t* __restrict__ grad_features) {
   for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
        index += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t j = index % params.out_w;
-    const int64_t i = (index / params.out_w) % params.out_h;
-    const int64_t rows = index / (params.out_w * params.out_h);
     int64_t plane_offset;
-    const auto sample = params.template sample<kDeformable>(
-        rows / params.channels, rows % params.channels, i, j, plane_offset);
+    const auto sample = params.template sample_element<kDeformable>(index, plane_offset);
     if (!sample.inside) {
       continue;
     }
