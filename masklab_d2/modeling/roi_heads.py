@@ -41,6 +41,13 @@ def instances_with_masks(instances: Instances) -> torch.Tensor:
     )
 
 
+def random_subset(instances: Instances, limit: int) -> Instances:
+    """At most ``limit`` of ``instances``, chosen at random (all of them when ``limit`` <= 0)."""
+    if limit <= 0 or len(instances) <= limit:
+        return instances
+    return instances[torch.randperm(len(instances), device=instances.gt_classes.device)[:limit]]
+
+
 @ROI_HEADS_REGISTRY.register()
 class PartialROIHeads(StandardROIHeads):
     """StandardROIHeads with partial mask supervision and crop-to-ground-truth (module docstring)."""
@@ -135,21 +142,10 @@ class PartialROIHeads(StandardROIHeads):
                 selected.append(instances)
             return selected
         foreground, _ = select_foreground_proposals(proposals, self.num_classes)
-        selected = [x[instances_with_masks(x)] for x in foreground]
-        if self.max_mask_rois_per_image > 0:
-            selected = [
-                (
-                    x[
-                        torch.randperm(len(x), device=x.gt_classes.device)[
-                            : self.max_mask_rois_per_image
-                        ]
-                    ]
-                    if len(x) > self.max_mask_rois_per_image
-                    else x
-                )
-                for x in selected
-            ]
-        return selected
+        return [
+            random_subset(x[instances_with_masks(x)], self.max_mask_rois_per_image)
+            for x in foreground
+        ]
 
     def _forward_mask(
         self,
