@@ -52,7 +52,11 @@ class CheckpointOnInterrupt(HookBase):
 
     def after_train(self):
         trainer = self.trainer
-        last_completed = trainer.iter - 1
+        # The iteration the saved state belongs to. detectron2's LRScheduler hook steps the
+        # schedule at the end of each iteration, so its count says whether the interrupted
+        # iteration got that far (a signal can land in a later hook of the same iteration);
+        # trainer.iter - 1 would then resume with the schedule one step ahead of the iteration.
+        last_completed = min(trainer.iter, trainer.scheduler.last_epoch - 1)
         if trainer.iter + 1 >= trainer.max_iter or last_completed < trainer.start_iter:
             return
         if comm.is_main_process():
@@ -60,7 +64,7 @@ class CheckpointOnInterrupt(HookBase):
                 f"Training stopped early; saving a checkpoint at iteration {last_completed}"
             )
             # The trainer's state (its iteration) goes into the checkpoint, and --resume starts
-            # after it: record the last iteration known to be complete.
+            # after it.
             trainer.iter = last_completed
             trainer.checkpointer.save(f"model_{last_completed:07d}", iteration=last_completed)
 
