@@ -123,6 +123,8 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.MASKLAB.USE_SEMANTIC = True
     # Use the assembled direction crop.
     _C.MODEL.MASKLAB.USE_DIRECTION = True
+    # Semantic crop: "class" (channel of the box's class, paper) or "agnostic" (one foreground).
+    _C.MODEL.MASKLAB.SEMANTIC_INPUT = "class"
     # Directions D (360 degrees in D equal sectors, the first starting at 0 degrees).
     _C.MODEL.MASKLAB.NUM_DIRECTIONS = 8
     # Distance bins B per direction (direction logits have D * B channels).

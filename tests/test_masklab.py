@@ -197,9 +197,12 @@ MASKLAB_CONFIGS = sorted(
 
 
 def _d2():
-    return pytest.importorskip(
+    d2 = pytest.importorskip(
         "detectron2", reason="detectron2 is not installed (see README: Install)"
     )
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
+
+    return d2
 
 
 @pytest.mark.detectron2
@@ -365,3 +368,129 @@ def test_offset_network_learns_at_its_lr_factor():
         assert rates[param_id] == pytest.approx(cfg.SOLVER.BASE_LR * factor)
     others = [rate for param_id, rate in rates.items() if param_id not in offset_params]
     assert max(others) == pytest.approx(cfg.SOLVER.BASE_LR)
+
+
+def test_select_semantic_classes_drops_channels_and_reindexes_targets():
+    from masklab_d2.layers.masklab import select_semantic_classes
+
+    logits = torch.arange(5.0).view(1, 5, 1, 1).expand(1, 5, 2, 2).clone()  # K = 4, bg = 4
+    targets = torch.tensor([[[0, 2], [4, -1]]])
+    kept_logits, kept_targets = select_semantic_classes(logits, targets, [2, 0])
+    assert kept_logits[0, :, 0, 0].tolist() == [2.0, 0.0, 4.0]
+    assert kept_targets.tolist() == [[[1, 0], [2, -1]]]
+    # A dropped class in the targets (never the case for correct targets) is ignored.
+    _, dropped = select_semantic_classes(logits, torch.tensor([[[1]]]), [0, 2])
+    assert dropped.item() == -1
+
+
+def _masklab_model(config, **overrides):
+    from detectron2.modeling import build_model
+    from helpers import tiny_cfg
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(os.path.join(CONFIGS, config), **overrides)
+    model = build_model(cfg)
+    model.train()
+    return cfg, model
+
+
+def _train_step(model, instances=None, loss_names=None):
+    from detectron2.utils.events import EventStorage
+    from helpers import image_instances
+
+    instances = instances if instances is not None else image_instances()
+    with EventStorage() as storage:
+        losses = model([{"image": torch.rand(3, 96, 96) * 255, "instances": instances}])
+        total = sum(v for k, v in losses.items() if loss_names is None or k in loss_names)
+        total.backward()
+    return losses, storage
+
+
+@pytest.mark.detectron2
+def test_logged_mask_metrics_are_the_refined_masks_not_the_coarse():
+    _d2()
+    _, model = _masklab_model("shapes/masklab_R_18_FPN.yaml")
+    head = model.roi_heads.mask_head
+    with torch.no_grad():  # coarse: every pixel negative; refined: every pixel positive
+        head.fusion.conv.weight.zero_()
+        head.fusion.conv.bias.fill_(-10.0)
+        head.refinement.predictor.weight.zero_()
+        head.refinement.predictor.bias.fill_(10.0)
+    _, storage = _train_step(model)
+    latest = {k: v for k, (v, _) in storage.latest().items()}
+    # The ground-truth mask fills its box: the refined mask is all right, the coarse all wrong.
+    assert latest["mask_rcnn/accuracy"] == 1.0 and latest["mask_rcnn/false_negative"] == 0.0
+    assert latest["coarse/mask_rcnn/accuracy"] == 0.0
+    assert latest["coarse/mask_rcnn/false_negative"] == 1.0
+
+
+@pytest.mark.detectron2
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        ("shapes/masklab-ablations/semantic_only.yaml", {}),
+        ("shapes/masklab-ablations/direction_only.yaml", {}),
+        ("shapes/masklab_R_18_FPN.yaml", {}),
+        (
+            "shapes-partial/masklab_R_18_FPN_gtcrop.yaml",
+            {"MODEL.MASKLAB.SEMANTIC_INPUT": "agnostic"},
+        ),
+        ("shapes-partial/masklab_R_18_FPN_gtcrop.yaml", {"MODEL.MASKLAB.SEMANTIC_INPUT": "class"}),
+    ],
+)
+def test_every_mask_head_parameter_gets_a_gradient(config, overrides):
+    """detectron2's DDP (find_unused_parameters=False) fails on a parameter without gradient."""
+    _d2()
+    _, model = _masklab_model(config, **overrides)
+    _train_step(model)
+    unused = [n for n, p in model.roi_heads.mask_head.named_parameters() if p.grad is None]
+    assert not unused, unused
+
+
+@pytest.mark.detectron2
+def test_agnostic_semantic_input_trains_every_channel_unseen_classes_read():
+    _d2()
+    config = "shapes-partial/masklab_R_18_FPN_gtcrop.yaml"
+    # "class": only the masked class's row (0) and nothing of class 9 (mask-less) is trained.
+    _, model = _masklab_model(config, **{"MODEL.MASKLAB.SEMANTIC_INPUT": "class"})
+    _train_step(model, loss_names={"loss_mask", "loss_mask_coarse"})
+    grad = model.roi_heads.mask_head.dense_branch.semantic.weight.grad.flatten(1).abs().sum(1)
+    assert grad[0] > 0 and grad[9] == 0
+    # "agnostic": one foreground channel (and background), trained by every mask.
+    _, model = _masklab_model(config, **{"MODEL.MASKLAB.SEMANTIC_INPUT": "agnostic"})
+    head = model.roi_heads.mask_head
+    assert head.dense_branch.semantic.out_channels == 2
+    _train_step(model, loss_names={"loss_mask", "loss_mask_coarse"})
+    assert head.dense_branch.semantic.weight.grad[0].abs().sum() > 0
+    # At test time the class of a box does not change which semantic channel it reads.
+    from detectron2.structures import Boxes, Instances
+
+    model.eval()
+    features = model.backbone(torch.rand(1, 3, 96, 96))
+    masks = []
+    for cls in (0, 9):
+        instances = Instances((96, 96))
+        instances.pred_boxes = Boxes(torch.tensor([[12.0, 10.0, 44.0, 40.0]]))
+        instances.pred_classes = torch.tensor([cls])
+        with torch.no_grad():
+            masks.append(head(features, [instances])[0].pred_masks)
+    assert torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.detectron2
+def test_dense_semantic_loss_leaves_classes_without_masks_out_of_the_softmax():
+    _d2()
+    from masklab_d2.data import mask_train_class_ids
+
+    cfg, model = _masklab_model(
+        "shapes-partial/masklab_R_18_FPN_gtcrop.yaml",
+        **{"MODEL.MASKLAB.SEMANTIC_LOSS_WEIGHT": 1.0, "MODEL.MASKLAB.SEMANTIC_INPUT": "class"},
+    )
+    seen = mask_train_class_ids(cfg)
+    unseen = sorted(set(range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)) - set(seen))
+    assert 0 in seen and 9 in unseen and len(unseen) == 8
+    losses, _ = _train_step(model, loss_names={"loss_semantic"})
+    assert losses["loss_semantic"] > 0
+    grad = model.roi_heads.mask_head.dense_branch.semantic.weight.grad.flatten(1).abs().sum(1)
+    assert (grad[unseen] == 0).all(), grad  # ignored, not pushed towards background
+    assert (grad[seen] > 0).all() and grad[-1] > 0

@@ -138,9 +138,14 @@ class SemanticDirectionBranch(nn.Module):
         in_strides: stride of each input level.
         common_stride: stride of the output maps.
         conv_dim: width of the merge convs, 0 for none.
-        num_classes: K; semantic logits have K + 1 channels, background last.
-        num_direction_channels: D * B.
+        num_semantic_channels: channels of the semantic logits (K + 1, background last; 2 for
+            a class-agnostic foreground / background pair); 0 builds no semantic conv.
+        num_direction_channels: D * B; 0 builds no direction conv.
         norm: a callable channels -> norm module (or None).
+
+    Only the 1x1 convs whose logits are used are built: a conv whose output reaches no loss
+    would leave parameters without gradients, which detectron2's DDP wrapper
+    (find_unused_parameters=False) rejects.
     """
 
     def __init__(
@@ -149,7 +154,7 @@ class SemanticDirectionBranch(nn.Module):
         in_strides: Sequence[int],
         common_stride: int,
         conv_dim: int,
-        num_classes: int,
+        num_semantic_channels: int,
         num_direction_channels: int,
         norm=None,
     ):
@@ -188,14 +193,25 @@ class SemanticDirectionBranch(nn.Module):
                         stride //= 2
                 self.scale_heads.append(nn.Sequential(*layers))
             top_channels = conv_dim
-        self.semantic = nn.Conv2d(top_channels, num_classes + 1, 1)
-        self.direction = nn.Conv2d(top_channels, num_direction_channels, 1)
+        if not (num_semantic_channels or num_direction_channels):
+            raise ValueError("the dense branch needs semantic or direction logits, or both")
+        self.semantic = self.direction = None
+        if num_semantic_channels:
+            self.semantic = nn.Conv2d(top_channels, num_semantic_channels, 1)
+        if num_direction_channels:
+            self.direction = nn.Conv2d(top_channels, num_direction_channels, 1)
         for conv in (self.semantic, self.direction):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            if conv is not None:
+                nn.init.normal_(conv.weight, std=0.01)
+                nn.init.zeros_(conv.bias)
 
-    def forward(self, features: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Input maps (list, fine to coarse) -> (semantic [N, K + 1, h, w], direction [N, D*B, h, w])."""
+    def forward(
+        self, features: List[torch.Tensor]
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Input maps (list, fine to coarse) -> (semantic [N, C_sem, h, w], direction [N, D*B, h, w]).
+
+        A logit map whose conv was not built is None.
+        """
         if self.scale_heads is None:
             top = features[0]
         else:
@@ -212,7 +228,9 @@ class SemanticDirectionBranch(nn.Module):
                         out, size=top.shape[-2:], mode="bilinear", align_corners=False
                     )
                 top = top + out
-        return self.semantic(top), self.direction(top)
+        semantic = self.semantic(top) if self.semantic is not None else None
+        direction = self.direction(top) if self.direction is not None else None
+        return semantic, direction
 
 
 class CoarseMaskFusion(nn.Module):
@@ -371,3 +389,35 @@ def dense_targets(
         v = (v_grid[region] - cy) / half_h
         direction[region] = binning.bins(u, v)
     return semantic, direction
+
+
+def select_semantic_classes(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    class_ids: Sequence[int],
+    ignore_value: int = -1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Restricts a per-pixel softmax over K classes + background to ``class_ids`` + background.
+
+    Under partial supervision a class without masks never appears in the semantic targets; left
+    in the softmax it would be pushed below background at every labelled pixel, i.e. trained to
+    mean "never this class". Dropping its channel from the loss leaves it unconstrained (ignored,
+    not background).
+
+    Args:
+        logits: [N, K + 1, h, w], background last.
+        targets: [N, h, w] int64 in [0, K] or ``ignore_value``.
+        class_ids: the classes that keep their channel (sorted or not, no duplicates).
+
+    Returns:
+        (logits [N, len(class_ids) + 1, h, w], targets [N, h, w] re-indexed to match; pixels of a
+        dropped class, which a correct target never has, become ``ignore_value``).
+    """
+    num_classes = logits.shape[1] - 1
+    keep = torch.tensor(list(class_ids) + [num_classes], dtype=torch.long, device=logits.device)
+    lookup = torch.full((num_classes + 1,), ignore_value, dtype=torch.long, device=logits.device)
+    lookup[keep] = torch.arange(len(keep), device=logits.device)
+    labelled = targets != ignore_value
+    remapped = torch.full_like(targets, ignore_value)
+    remapped[labelled] = lookup[targets[labelled]]
+    return logits.index_select(1, keep), remapped

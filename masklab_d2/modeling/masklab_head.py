@@ -6,10 +6,18 @@ and direction logits once per image, and for each box crops, assembles, fuses an
 MaskLab trains the mask path on ground-truth boxes only (MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES,
 set in its configs); at test time it uses the predicted boxes and classes.
 
+Semantic input (MODEL.MASKLAB.SEMANTIC_INPUT): "class" crops the semantic channel of the box's
+class (the paper); "agnostic" predicts one foreground channel (plus background) that every mask
+trains and crops it for every box. Under partial supervision the per-class channel of a class
+without masks never receives a gradient, so "class" would feed the fusion an untrained random
+projection for exactly the unseen classes; "agnostic" has no such channel.
+
 Losses: sigmoid BCE of the refined (``loss_mask``) and coarse (``loss_mask_coarse``) masks
-against the ground-truth mask on the same S x S lattice, via detectron2's ``mask_rcnn_loss``;
-optionally per-pixel semantic (``loss_semantic``) and direction (``loss_direction``) losses on
-the dense logits, where instances without a mask (partial supervision) are ignored.
+against the ground-truth mask on the same S x S lattice, via detectron2's ``mask_rcnn_loss``
+(its accuracy / false-positive / false-negative metrics are the refined mask's; the coarse
+mask's go under ``coarse/``); optionally per-pixel semantic (``loss_semantic``) and direction
+(``loss_direction``) losses on the dense logits, where instances without a mask (partial
+supervision) are ignored, and classes without masks are left out of the semantic softmax.
 """
 
 from typing import Dict, List, Optional
@@ -21,6 +29,7 @@ from detectron2.layers import ShapeSpec, cat, get_norm
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference, mask_rcnn_loss
 from detectron2.structures import BitMasks, Instances, PolygonMasks
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from masklab_d2.layers import crop_and_resize
@@ -33,9 +42,11 @@ from masklab_d2.layers.masklab import (
     dense_targets,
     direction_pool,
     lattice_rois,
+    select_semantic_classes,
 )
 
 IGNORE = -1
+SEMANTIC_INPUTS = ("class", "agnostic")
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -61,6 +72,8 @@ class MaskLabHead(nn.Module):
         binning: DirectionBinning,
         use_semantic: bool,
         use_direction: bool,
+        semantic_input: str = "class",
+        mask_class_ids: Optional[List[int]] = None,
         crop_size: int,
         hypercolumn_features: List[str],
         refine_num_convs: int,
@@ -81,6 +94,10 @@ class MaskLabHead(nn.Module):
             dense_norm: norm of the merge convs.
             binning: the direction / distance binning.
             use_semantic, use_direction: which crops feed the coarse mask.
+            semantic_input: "class" (crop the channel of the box's class) or "agnostic" (one
+                foreground channel for every box).
+            mask_class_ids: the classes whose masks train the model (None: all); the others
+                are left out of the dense semantic loss's softmax.
             crop_size: S.
             hypercolumn_features: maps cropped for the refinement; empty disables it.
             refine_num_convs, refine_conv_dim, refine_kernel_size: the refinement ConvNet.
@@ -89,6 +106,11 @@ class MaskLabHead(nn.Module):
             direction_center: "box" or "mask", the centre of the dense direction targets.
         """
         super().__init__()
+        if semantic_input not in SEMANTIC_INPUTS:
+            raise ValueError(
+                f"MODEL.MASKLAB.SEMANTIC_INPUT must be one of {SEMANTIC_INPUTS}, got "
+                f"{semantic_input!r}"
+            )
         missing = [
             f for f in list(dense_in_features) + list(hypercolumn_features) if f not in input_shape
         ]
@@ -99,6 +121,8 @@ class MaskLabHead(nn.Module):
                 "ones to MODEL.FPN.HYPERCOLUMN_FEATURES)"
             )
         self.num_classes = num_classes
+        self.semantic_input = semantic_input
+        self.mask_class_ids = None if mask_class_ids is None else sorted(mask_class_ids)
         self.dense_in_features = list(dense_in_features)
         self.common_stride = common_stride
         self.binning = binning
@@ -117,8 +141,15 @@ class MaskLabHead(nn.Module):
             in_strides=[input_shape[f].stride for f in self.dense_in_features],
             common_stride=common_stride,
             conv_dim=dense_conv_dim,
-            num_classes=num_classes,
-            num_direction_channels=binning.num_channels,
+            # Agnostic: one foreground channel and background, as if there were one class.
+            num_semantic_channels=(
+                (num_classes + 1 if semantic_input == "class" else 2)
+                if use_semantic or semantic_loss_weight > 0
+                else 0
+            ),
+            num_direction_channels=(
+                binning.num_channels if use_direction or direction_loss_weight > 0 else 0
+            ),
             norm=(lambda channels: get_norm(dense_norm, channels)) if dense_norm else None,
         )
         self.fusion = CoarseMaskFusion(use_semantic, use_direction)
@@ -141,6 +172,12 @@ class MaskLabHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape):
         masklab = cfg.MODEL.MASKLAB
+        mask_class_ids = None
+        if masklab.SEMANTIC_LOSS_WEIGHT > 0 and masklab.SEMANTIC_INPUT == "class":
+            # Imported here: only the class-restricted dense loss needs the datasets' classes.
+            from masklab_d2.data import mask_train_class_ids
+
+            mask_class_ids = mask_train_class_ids(cfg)
         return {
             "input_shape": input_shape,
             "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
@@ -153,6 +190,8 @@ class MaskLabHead(nn.Module):
             ),
             "use_semantic": masklab.USE_SEMANTIC,
             "use_direction": masklab.USE_DIRECTION,
+            "semantic_input": masklab.SEMANTIC_INPUT,
+            "mask_class_ids": mask_class_ids,
             "crop_size": masklab.CROP_SIZE,
             "hypercolumn_features": masklab.HYPERCOLUMN_FEATURES,
             "refine_num_convs": masklab.REFINE_NUM_CONVS,
@@ -195,8 +234,9 @@ class MaskLabHead(nn.Module):
 
         semantic_crop = pooled_direction = None
         if self.fusion.use_semantic:
+            channels = classes if self.semantic_input == "class" else torch.zeros_like(classes)
             semantic_crop = crop_semantic_channels(
-                semantic_logits, rois, classes, scale, self.crop_size
+                semantic_logits, rois, channels, scale, self.crop_size
             )
         if self.fusion.use_direction:
             direction_crops = crop_and_resize(
@@ -231,7 +271,11 @@ class MaskLabHead(nn.Module):
             return instances
         losses = {"loss_mask": mask_rcnn_loss(masks, instances)}
         if refined is not None and self.coarse_loss_weight > 0:
-            losses["loss_mask_coarse"] = mask_rcnn_loss(coarse, instances) * self.coarse_loss_weight
+            # mask_rcnn_loss logs its accuracy metrics under fixed names: scope the coarse call
+            # so it does not overwrite the refined mask's.
+            with get_event_storage().name_scope("coarse"):
+                coarse_loss = mask_rcnn_loss(coarse, instances)
+            losses["loss_mask_coarse"] = coarse_loss * self.coarse_loss_weight
         if self.uses_image_targets:
             losses.update(self._dense_losses(semantic_logits, direction_logits, gt_instances))
         return losses
@@ -240,6 +284,9 @@ class MaskLabHead(nn.Module):
         self, semantic_logits, direction_logits, gt_instances
     ) -> Dict[str, torch.Tensor]:
         """Per-pixel cross entropies; instances without masks are ignored, not background."""
+        dense_size = (semantic_logits if semantic_logits is not None else direction_logits).shape[
+            -2:
+        ]
         semantic_targets, direction_targets = [], []
         for targets in gt_instances:
             masks = targets.gt_masks
@@ -251,15 +298,17 @@ class MaskLabHead(nn.Module):
                 if targets.has("gt_has_mask")
                 else torch.ones(len(targets), dtype=torch.bool)
             )
+            device = targets.gt_boxes.device
+            agnostic = self.semantic_input == "agnostic"
             semantic, direction = dense_targets(
-                masks.tensor.to(semantic_logits.device),
+                masks.tensor.to(device),
                 targets.gt_boxes.tensor,
-                targets.gt_classes,
-                has_mask.to(semantic_logits.device),
+                torch.zeros_like(targets.gt_classes) if agnostic else targets.gt_classes,
+                has_mask.to(device),
                 self.binning,
                 self.common_stride,
-                tuple(semantic_logits.shape[-2:]),
-                self.num_classes,
+                tuple(dense_size),
+                1 if agnostic else self.num_classes,
                 center=self.direction_center,
                 ignore_value=IGNORE,
             )
@@ -267,8 +316,13 @@ class MaskLabHead(nn.Module):
             direction_targets.append(direction)
         losses = {}
         if self.semantic_loss_weight > 0:
+            semantic_targets = torch.stack(semantic_targets)
+            if self.mask_class_ids is not None:
+                semantic_logits, semantic_targets = select_semantic_classes(
+                    semantic_logits, semantic_targets, self.mask_class_ids, IGNORE
+                )
             losses["loss_semantic"] = self.semantic_loss_weight * _cross_entropy(
-                semantic_logits, torch.stack(semantic_targets)
+                semantic_logits, semantic_targets
             )
         if self.direction_loss_weight > 0:
             losses["loss_direction"] = self.direction_loss_weight * _cross_entropy(
