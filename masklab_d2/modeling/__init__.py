@@ -12,8 +12,15 @@ from . import blendmask_head as _blendmask_head  # noqa: E402,F401  (registratio
 from . import box_heads as _box_heads  # noqa: E402,F401  (registration)
 from . import deep_marc_head as _deep_marc_head  # noqa: E402,F401  (registration)
 from . import masklab_head as _masklab_head  # noqa: E402,F401  (registration)
+from .checkpoint import MaskLabCheckpointer  # noqa: E402
 from .freeze import freeze_detector, load_detector_weights  # noqa: E402
 from .poolers import build_roi_pooler  # noqa: E402
 from .roi_heads import PartialROIHeads  # noqa: E402
 
-__all__ = ["PartialROIHeads", "build_roi_pooler", "freeze_detector", "load_detector_weights"]
+__all__ = [
+    "MaskLabCheckpointer",
+    "PartialROIHeads",
+    "build_roi_pooler",
+    "freeze_detector",
+    "load_detector_weights",
+]

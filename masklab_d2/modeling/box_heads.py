@@ -26,6 +26,10 @@ class Res5BoxHead(nn.Module):
         pool_first: 2 x 2 max-pool the crops before res5.
     """
 
+    # A pretrained backbone's res5 initialises the duplicate too (the paper's "BC"; see
+    # masklab_d2.modeling.checkpoint).
+    pretrained_sources = {"res5": "res5"}
+
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, res5: nn.Module, pool_first: bool = True):
         super().__init__()
