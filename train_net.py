@@ -7,15 +7,15 @@
     python train_net.py --config-file ... --num-gpus 8      # multi-GPU, detectron2's launch
 
 It is detectron2's DefaultTrainer with the partial-mask dataset mapper, the seen / unseen
-evaluator, an AdamW option, head-only training (MODEL.FREEZE_DETECTOR) and a checkpoint written
-when training stops early (Ctrl-C, SIGTERM from a scheduler, an error), so `--resume` continues
-from where it stopped. With no GPU it runs on the CPU.
+evaluator, an AdamW option, head-only training (MODEL.FREEZE_DETECTOR) and graceful stops
+(masklab_d2.engine.graceful_stop): on SIGINT, SIGTERM, SIGUSR1 or SIGUSR2 every rank stops after
+the current iteration, a checkpoint of it is saved and the process exits with status 75, so
+`--resume` continues exactly where it stopped. An error (a NaN loss, out of memory) saves nothing.
 """
 
 import logging
 import os
 import signal
-import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -25,13 +25,7 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import (
-    DefaultTrainer,
-    HookBase,
-    default_argument_parser,
-    default_setup,
-    launch,
-)
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -40,33 +34,13 @@ from detectron2.utils.logger import setup_logger
 from masklab_d2.config import load_config
 from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, register_coco_datasets
 from masklab_d2.data.datasets import check_mask_supervision
+from masklab_d2.engine import GracefulStopHook, launch, stop_requested
+from masklab_d2.engine.graceful_stop import EXIT_INTERRUPTED
 from masklab_d2.evaluation import PartialCOCOEvaluator
 from masklab_d2.modeling import freeze_detector, load_detector_weights
 from masklab_d2.modeling.optim import module_lr_factors
 
 logger = logging.getLogger("masklab_d2")
-
-
-class CheckpointOnInterrupt(HookBase):
-    """Saves a checkpoint when training ends before MAX_ITER, so nothing trained is lost."""
-
-    def after_train(self):
-        trainer = self.trainer
-        # The iteration the saved state belongs to. detectron2's LRScheduler hook steps the
-        # schedule at the end of each iteration, so its count says whether the interrupted
-        # iteration got that far (a signal can land in a later hook of the same iteration);
-        # trainer.iter - 1 would then resume with the schedule one step ahead of the iteration.
-        last_completed = min(trainer.iter, trainer.scheduler.last_epoch - 1)
-        if trainer.iter + 1 >= trainer.max_iter or last_completed < trainer.start_iter:
-            return
-        if comm.is_main_process():
-            logger.warning(
-                f"Training stopped early; saving a checkpoint at iteration {last_completed}"
-            )
-            # The trainer's state (its iteration) goes into the checkpoint, and --resume starts
-            # after it.
-            trainer.iter = last_completed
-            trainer.checkpointer.save(f"model_{last_completed:07d}", iteration=last_completed)
 
 
 class Trainer(DefaultTrainer):
@@ -161,7 +135,10 @@ class Trainer(DefaultTrainer):
         )
 
     def build_hooks(self):
-        return super().build_hooks() + [CheckpointOnInterrupt()]
+        # Last, so that the iteration it saves on a stop is complete (scheduler step included).
+        # No checkpointer given: it saves with self.checkpointer as it is at the stop (replaced
+        # in __init__ after this runs).
+        return super().build_hooks() + [GracefulStopHook()]
 
     def resume_or_load(self, resume=True):
         """As DefaultTrainer's; a new head-only run loads the detector but not its mask branch."""
@@ -181,14 +158,15 @@ def setup(args):
     return cfg
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(args):
     register_coco_datasets(args.coco_dataset)
     cfg = setup(args)
     if args.eval_only:
+        # Nothing to save on a stop: Ctrl-C and a scheduler's SIGTERM end an evaluation at once.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.default_int_handler)
+        if stop_requested() is not None:
+            raise SystemExit(EXIT_INTERRUPTED)
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
@@ -197,8 +175,6 @@ def main(args):
         if comm.is_main_process():
             verify_results(cfg, results)
         return results
-    # A scheduler's SIGTERM (Slurm, preemption) unwinds like Ctrl-C, so the checkpoint hook runs.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
@@ -215,9 +191,11 @@ def build_argument_parser():
     return parser
 
 
-if __name__ == "__main__":
-    args = build_argument_parser().parse_args()
+def invoke_main(argv=None) -> None:
+    """The command line: parses ``argv`` (sys.argv) and launches :func:`main` on every rank."""
+    args = build_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
+    # masklab_d2.engine's launch: detectron2's, plus the signal handling of graceful stops.
     launch(
         main,
         args.num_gpus,
@@ -226,3 +204,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    invoke_main()  # pragma: no cover

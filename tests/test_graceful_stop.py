@@ -1,0 +1,149 @@
+"""Graceful stops (masklab_d2.engine.graceful_stop) through train_net.py and a 2-process run.
+
+Every signal is sent from inside the run at a known iteration (tests/stop_probe.py,
+tests/stop_probe_ddp.py), so nothing here depends on timing. A stopped run exits with status 75
+and leaves a checkpoint of the iteration it stopped after; an error leaves last_checkpoint alone.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.detectron2
+pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+
+from test_train_net import CONFIG, REPO, TINY  # noqa: E402
+
+EXIT_INTERRUPTED = 75  # the status itself is the contract with the sweep, so it is spelled out
+
+
+def _probe(tmp_path, kind, iteration, *opts, name="run"):
+    """train_net.py (through tests/stop_probe.py) with a probe of ``kind`` at ``iteration``."""
+    output = tmp_path / name
+    output.mkdir()
+    command = [sys.executable, os.path.join(REPO, "tests", "stop_probe.py"), "--config-file"]
+    command += [CONFIG] + TINY + ["SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0"]
+    command += ["SOLVER.MAX_ITER", "30"] + list(opts) + ["OUTPUT_DIR", str(output)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MASKLAB_STOP_PROBE=f"{kind}@{iteration}",
+        MASKLAB_STOP_PROBE_DIR=str(output),
+    )
+    result = subprocess.run(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
+    probe = output / "probe.txt"
+    return output, result, probe.read_text() if probe.exists() else ""
+
+
+def _checkpoint(output):
+    import torch
+
+    name = (output / "last_checkpoint").read_text().strip()
+    return name, torch.load(output / name, map_location="cpu", weights_only=False)
+
+
+def _assert_stopped_after(output, result, iteration):
+    assert result.returncode == EXIT_INTERRUPTED, result.stdout[-3000:]
+    name, checkpoint = _checkpoint(output)
+    assert name == f"model_{iteration:07d}.pth"
+    # Exactly resumable: the iteration, and an LR schedule that has stepped past it.
+    assert checkpoint["iteration"] == iteration
+    assert checkpoint["trainer"]["iteration"] == iteration
+    assert checkpoint["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == iteration + 1
+    assert "optimizer" in checkpoint["trainer"]["_trainer"] and "model" in checkpoint
+    assert result.stdout.count(f"stopping after iteration {iteration}") == 1
+
+
+def test_signal_during_an_import_completes_it_then_stops_and_resumes(tmp_path):
+    output, result, probe = _probe(tmp_path, "import", 2)
+    assert probe == "imported\n", result.stdout[-3000:]
+    _assert_stopped_after(output, result, 2)
+
+    resumed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, "--resume"]
+        + TINY
+        + ["SOLVER.MAX_ITER", "5", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cwd=REPO,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "Starting training from iteration 3" in resumed.stdout
+    assert (output / "model_final.pth").exists()
+
+
+def test_signal_during_evaluation_lets_it_finish_then_stops(tmp_path):
+    output, result, probe = _probe(tmp_path, "eval", 2, "TEST.EVAL_PERIOD", "3")
+    assert probe == "signalled during evaluation\n", result.stdout[-3000:]
+    _assert_stopped_after(output, result, 2)
+    from test_train_net import _metrics
+
+    evaluations = [m for m in _metrics(output) if "segm/AP" in m]
+    assert [m["iteration"] for m in evaluations] == [2]
+
+
+def test_repeated_signals_during_the_save_are_ignored(tmp_path):
+    output, result, probe = _probe(tmp_path, "double", 2)
+    assert probe == "signalled during save\n", result.stdout[-3000:]
+    _assert_stopped_after(output, result, 2)
+
+
+def test_sigusr2_stops_gracefully(tmp_path):
+    output, result, _ = _probe(tmp_path, "usr2", 1)
+    assert "SIGUSR2 received" in result.stdout
+    _assert_stopped_after(output, result, 1)
+
+
+def test_an_error_saves_nothing_and_keeps_last_checkpoint(tmp_path):
+    output, result, _ = _probe(tmp_path, "nan", 4, "SOLVER.CHECKPOINT_PERIOD", "3")
+    assert result.returncode not in (0, EXIT_INTERRUPTED), result.stdout[-3000:]
+    assert "FloatingPointError" in result.stdout
+    assert (output / "last_checkpoint").read_text().strip() == "model_0000002.pth"
+    assert sorted(p.name for p in output.glob("model_*.pth")) == ["model_0000002.pth"]
+
+
+def test_two_ranks_stop_together_on_a_signal_to_the_parent_and_resume_exactly(tmp_path):
+    import torch
+
+    script = os.path.join(REPO, "tests", "stop_probe_ddp.py")
+
+    def run(output, *args):
+        return subprocess.run(
+            [sys.executable, script, str(output), "12", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            cwd=REPO,
+        )
+
+    stopped = run(tmp_path / "stopped", "4")
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stdout[-3000:]
+    # Both ranks ended after iteration 4, and the one checkpoint is of that iteration.
+    assert [(tmp_path / "stopped" / f"rank{r}.txt").read_text() for r in (0, 1)] == ["4", "4"]
+    assert (tmp_path / "stopped" / "last_checkpoint").read_text() == "model_0000004.pth"
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("*.pth")) == ["model_0000004.pth"]
+
+    resumed = run(tmp_path / "stopped", "-1", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    uninterrupted = run(tmp_path / "uninterrupted", "-1")
+    assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
+    a = torch.load(tmp_path / "stopped" / "model_final.pth", weights_only=False)
+    b = torch.load(tmp_path / "uninterrupted" / "model_final.pth", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 11
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
