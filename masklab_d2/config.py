@@ -3,24 +3,65 @@
 Every key is described in the README's "Config keys" table.
 """
 
-from typing import Sequence
+import logging
+import os
+from typing import Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 
-def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+# MASKLAB_ALLOW_CPU=1 lets a CUDA config run on the CPU where no GPU is visible.
+ALLOW_CPU_ENV = "MASKLAB_ALLOW_CPU"
+
+
+def cpu_fallback_allowed() -> bool:
+    """Whether a CUDA config may run on the CPU here: MASKLAB_ALLOW_CPU=1, or a PyTorch built
+    without CUDA (where no config could ever get a GPU)."""
+    return os.environ.get(ALLOW_CPU_ENV, "") in ("1", "true", "yes") or torch.version.cuda is None
+
+
+def load_config(
+    config_file: str, opts: Sequence[str] = (), allow_cpu_fallback: Optional[bool] = True
+) -> CN:
     """detectron2's defaults + masklab_d2's keys + a YAML file + ``KEY VALUE`` options.
 
-    MODEL.DEVICE falls back to the CPU when it names CUDA and no GPU is visible. The config is
-    returned unfrozen.
+    MODEL.DEVICE "auto" becomes "cuda" when a GPU is visible, else "cpu". A CUDA device where no
+    GPU is visible becomes "cpu" only when the fallback is allowed, with a warning; otherwise it
+    is an error, since a job meant for a GPU would train ~100x slower on the CPU unnoticed (a
+    cluster node with a broken driver, a Slurm job without a GPU).
+
+    Args:
+        config_file: the YAML file.
+        opts: ``KEY VALUE`` overrides, applied last.
+        allow_cpu_fallback: True: fall back (interactive tools); False: never; None: as
+            :func:`cpu_fallback_allowed` says (train_net.py, where a cluster job must not).
+
+    Returns:
+        The config, unfrozen.
     """
     cfg = get_cfg()
     add_masklab_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    device = cfg.MODEL.DEVICE
+    has_gpu = torch.cuda.is_available()
+    if device == "auto":
+        cfg.MODEL.DEVICE = "cuda" if has_gpu else "cpu"
+        logging.getLogger(__name__).info(f"MODEL.DEVICE auto: {cfg.MODEL.DEVICE}")
+    elif device.startswith("cuda") and not has_gpu:
+        if allow_cpu_fallback is None:
+            allow_cpu_fallback = cpu_fallback_allowed()
+        if not allow_cpu_fallback:
+            raise RuntimeError(
+                f"MODEL.DEVICE is {device!r} but no GPU is visible (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}). To run on the CPU on purpose, "
+                f"pass MODEL.DEVICE cpu (or auto), or set {ALLOW_CPU_ENV}=1."
+            )
+        logging.getLogger(__name__).warning(
+            f"NO GPU VISIBLE: MODEL.DEVICE {device!r} -> 'cpu'; this runs on the CPU, far slower"
+        )
         cfg.MODEL.DEVICE = "cpu"
     return cfg
 
@@ -83,6 +124,8 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.DEEP_MARC.NUM_FILTERS = 64
     # Norm of the mask network and deconv: "BN", "SyncBN", "GN" or "" (none).
     _C.MODEL.DEEP_MARC.NORM = "BN"
+    # BN momentum (PyTorch convention) of the mask network; None: reference (HG 0.9, ResNet 0.01).
+    _C.MODEL.DEEP_MARC.BN_MOMENTUM = None
 
     # ---- BlendMask head (BlendMaskHead) ------------------------------------------------------
     _C.MODEL.BLENDMASK = CN()

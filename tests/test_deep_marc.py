@@ -325,3 +325,61 @@ def test_profile_heads_feature_dict_head_and_crop_flops():
     conv = 3 * 64 * 14 * 14  # 1x1 conv, 64 -> 1
     assert row["gflops"][3] * 1e9 == pytest.approx(crop + conv)
     assert "masklab::crop_and_resize" not in row["not_counted"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Eval-time normalisation
+# ------------------------------------------------------------------------------------------------
+def _batch_norms(module):
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@pytest.mark.parametrize("network, reference", [("hourglass10", 0.9), ("resnet4", 0.01)])
+def test_bn_momentum_is_a_config_key(network, reference, tmp_path):
+    head = build_mask_head(
+        head_cfg(network, num_filters=8), ShapeSpec(channels=8, height=8, width=8)
+    )
+    assert {m.momentum for m in _batch_norms(head.network)} == {reference}
+    config = tmp_path / "momentum.yaml"
+    base = os.path.join(CONFIGS, "shapes-partial", f"deep_marc_R_18_FPN_{network}_gtcrop.yaml")
+    config.write_text(f"_BASE_: {base}\nMODEL:\n  DEEP_MARC:\n    BN_MOMENTUM: 0.1\n")
+    model = build_model(tiny_cfg(str(config)))
+    assert {m.momentum for m in _batch_norms(model.roi_heads.mask_head.network)} == {0.1}
+
+
+def test_comparison_configs_evaluate_with_precise_bn_and_coco_deep_marc_syncs_bn():
+    configs = glob.glob(os.path.join(CONFIGS, "shapes*", "*.yaml")) + glob.glob(
+        os.path.join(CONFIGS, "coco*", "*FPN*.yaml")
+    )
+    assert len(configs) > 20
+    for path in configs:
+        assert load_config(path).TEST.PRECISE_BN.ENABLED, path
+    for path in COCO_CONFIGS:
+        assert load_config(path).MODEL.DEEP_MARC.NORM == "SyncBN", path
+
+
+def test_precise_bn_eval_reevaluates_with_recomputed_statistics(tmp_path):
+    from masklab_d2.modeling import MaskLabCheckpointer
+    from masklab_d2.tools import precise_bn_eval
+
+    config = os.path.join(CONFIGS, "shapes-partial", "deep_marc_R_18_FPN_hourglass10_gtcrop.yaml")
+    torch.manual_seed(0)
+    cfg = tiny_cfg(config, **{"TEST.DETECTIONS_PER_IMAGE": 5})
+    model = build_model(cfg)
+    for bn in _batch_norms(model):  # statistics as if from one odd last batch
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(0.01)
+    MaskLabCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    weights = str(tmp_path / "model.pth")
+
+    precise = build_model(cfg)
+    MaskLabCheckpointer(precise).load(weights)
+    assert precise_bn_eval.recompute_bn_statistics(cfg, precise, num_iter=2) > 0
+    first = _batch_norms(precise.roi_heads.mask_head)[0]
+    assert not torch.allclose(first.running_mean, torch.full_like(first.running_mean, 3.0))
+
+    rows = precise_bn_eval.precise_bn_comparison(cfg, weights, num_iter=2)
+    assert [r["statistics"].split()[0] for r in rows] == ["as", "precise"]
+    assert all("bbox/AP" in r and r["dataset"] == "shapes_tiny_val" for r in rows)
+    table = precise_bn_eval.format_rows(rows)
+    assert "bbox/AP" in table and "as trained" in table and "precise (2 batches" in table

@@ -255,14 +255,19 @@ def test_no_rois(name, train):
     assert torch.equal(bn.running_mean, running_mean)
 
 
-def test_single_roi_training_reaches_1x1():
-    """HG-52 downsamples 32 -> 1; one RoI in training must not trip BN's one-value check."""
-    net = build_mask_network("hourglass52", IN_CHANNELS, NC).train()
+@pytest.mark.parametrize("norm", ["BN", "SyncBN"])
+def test_single_roi_training_reaches_1x1(norm):
+    """HG-52 downsamples 32 -> 1; one RoI in training must not trip BN's one-value check.
+
+    SyncBN outside a process group (one GPU, the CPU) falls back to plain batch norm, which
+    raised "Expected more than 1 value per channel" here.
+    """
+    net = build_mask_network("hourglass52", IN_CHANNELS, NC, norm=norm).train()
     out = net(torch.randn(1, IN_CHANNELS, 32, 32))
     out.sum().backward()
     assert out.shape == (1, 2 * NC, 32, 32) and torch.isfinite(out).all()
     for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             assert torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
 
 

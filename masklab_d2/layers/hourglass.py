@@ -30,6 +30,7 @@ momenta are given in PyTorch's convention (``running = (1 - m) * running + m * b
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +41,7 @@ __all__ = [
     "HourglassSpec",
     "ResNetSpec",
     "SingleValueSafeBatchNorm2d",
+    "SingleValueSafeSyncBatchNorm",
     "get_norm",
     "ConvBlock",
     "ResBlock",
@@ -75,6 +77,23 @@ _NORM_NAMES = ("BN", "SyncBN", "GN", "", "none")
 # ------------------------------------------------------------------------------------------------
 # Normalisation
 # ------------------------------------------------------------------------------------------------
+def _single_value_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Normalises a one-value-per-channel batch with its own biased statistics (Keras's result).
+
+    The centred input is 0, so the output is the BN bias; the running statistics are untouched.
+    """
+    centred = x - x.mean(dim=(0, 2, 3), keepdim=True)
+    var = centred.pow(2).mean(dim=(0, 2, 3), keepdim=True)
+    out = centred * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        out = out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    return out
+
+
+def _is_single_value_batch(bn: nn.Module, x: torch.Tensor) -> bool:
+    return bn.training and x.numel() > 0 and x.numel() == x.shape[1]
+
+
 class SingleValueSafeBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that tolerates one value per channel in training mode.
 
@@ -88,13 +107,24 @@ class SingleValueSafeBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.numel() > 0 and x.numel() == x.shape[1]:
-            centred = x - x.mean(dim=(0, 2, 3), keepdim=True)
-            var = centred.pow(2).mean(dim=(0, 2, 3), keepdim=True)
-            out = centred * torch.rsqrt(var + self.eps)
-            if self.affine:
-                out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-            return out
+        if _is_single_value_batch(self, x):
+            return _single_value_batch_norm(self, x)
+        return super().forward(x)
+
+
+class SingleValueSafeSyncBatchNorm(nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` with :class:`SingleValueSafeBatchNorm2d`'s one-value rule.
+
+    Outside a multi-process group (one GPU, the CPU, evaluation scripts) SyncBatchNorm falls back
+    to plain batch norm and raises on a single RoI at HG-52's 1x1 stages; it gets the same
+    Keras-style treatment there. Across processes the statistics are gathered from every rank,
+    so a single local value is no problem and SyncBatchNorm runs unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not distributed and _is_single_value_batch(self, x):
+            return _single_value_batch_norm(self, x)
         return super().forward(x)
 
 
@@ -133,7 +163,7 @@ def get_norm(
     """Builds the normalisation layer for ``channels`` feature maps.
 
     Args:
-        norm: "BN" (SingleValueSafeBatchNorm2d), "SyncBN" (nn.SyncBatchNorm), "GN" (GroupNorm with
+        norm: "BN" (SingleValueSafeBatchNorm2d), "SyncBN" (SingleValueSafeSyncBatchNorm), "GN" (GroupNorm with
             32 groups, or the largest divisor of ``channels`` below 32), or ""/"none"/None for no
             normalisation (nn.Identity; the preceding convolution then gets a bias).
         channels: number of channels C of the [R, C, H, W] input.
@@ -151,7 +181,7 @@ def get_norm(
     if norm == "BN":
         return SingleValueSafeBatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
     if norm == "SyncBN":
-        return nn.SyncBatchNorm(channels, eps=bn_eps, momentum=bn_momentum)
+        return SingleValueSafeSyncBatchNorm(channels, eps=bn_eps, momentum=bn_momentum)
     if norm == "GN":
         return nn.GroupNorm(_group_norm_groups(channels), channels, eps=bn_eps)
     return nn.Identity()

@@ -18,7 +18,7 @@ when ``MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES``), and ``pred_masks`` in inference
 truth and partial mask supervision are done by :class:`~masklab_d2.modeling.PartialROIHeads`.
 """
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 from detectron2.config import configurable
@@ -58,6 +58,7 @@ class DeepMaskHead(BaseMaskRCNNHead):
         num_classes: int,
         num_filters: int = 64,
         norm: str = "BN",
+        bn_momentum: Optional[float] = None,
         **kwargs,
     ):
         """
@@ -68,6 +69,8 @@ class DeepMaskHead(BaseMaskRCNNHead):
             num_classes: K, the number of mask logit channels (1 for class-agnostic masks).
             num_filters: nc, the base width of the network and the width of the deconv.
             norm: "BN", "SyncBN", "GN" or "" (no normalisation) for the network and the deconv.
+            bn_momentum: PyTorch-convention BN momentum of the mask network; None keeps the
+                reference's (0.9 for hourglasses, i.e. Keras 0.1; 0.01 for ResNet-N).
             kwargs: ``loss_weight`` and ``vis_period`` of :class:`BaseMaskRCNNHead`.
 
         Raises:
@@ -81,7 +84,9 @@ class DeepMaskHead(BaseMaskRCNNHead):
                 f"MODEL.ROI_MASK_HEAD.POOLER_TYPE (e.g. 'ROIAlignV2'); got input {input_shape!r}"
             )
         self.check_network(network)
-        self.network = build_mask_network(network, input_shape.channels, num_filters, norm=norm)
+        self.network = build_mask_network(
+            network, input_shape.channels, num_filters, norm=norm, bn_momentum=bn_momentum
+        )
         self.predictor = DeepMaskPredictor(
             self.network.out_channels, num_classes, norm=norm, num_filters=num_filters
         )
@@ -107,6 +112,7 @@ class DeepMaskHead(BaseMaskRCNNHead):
         ret["network"]     = cfg.MODEL.DEEP_MARC.NETWORK
         ret["num_filters"] = cfg.MODEL.DEEP_MARC.NUM_FILTERS
         ret["norm"]        = cfg.MODEL.DEEP_MARC.NORM
+        ret["bn_momentum"] = cfg.MODEL.DEEP_MARC.BN_MOMENTUM
         ret["num_classes"] = 1 if mask_cfg.CLS_AGNOSTIC_MASK else cfg.MODEL.ROI_HEADS.NUM_CLASSES
         # fmt: on
         cls.check_network(ret["network"])  # fail before any layer is built

@@ -1,0 +1,150 @@
+"""Re-evaluates a trained model twice: with its BatchNorm running statistics as trained, and
+with precise statistics recomputed on training batches (detectron2's PreciseBN, without training).
+
+    python -m masklab_d2.tools.precise_bn_eval --config-file CONFIG.yaml \
+        --weights output/run/model_final.pth [--num-iter 100] [--markdown out.md] [KEY VALUE ...]
+
+A BatchNorm's running statistics are an exponential moving average whose momentum decides how
+many recent batches they remember: Deep-MARC's hourglass heads use the reference's Keras
+momentum 0.1 (PyTorch 0.9), so they hold essentially the last training batch, while its ResNet-N
+heads keep a long average. Evaluating both as trained compares heads whose eval-time
+normalisation differs; precise statistics (the exact mean of the per-batch statistics over
+``--num-iter`` training batches, the model otherwise unchanged) remove that difference. This
+tool measures how much it changes a trained model's numbers; configs that train with
+``TEST.PRECISE_BN.ENABLED`` get precise statistics before every evaluation.
+
+Only BatchNorm layers in training mode are recomputed, as detectron2's hook does: frozen
+(FrozenBatchNorm) layers, e.g. a frozen detector's under head-only training, stay as they are.
+Prints one row per evaluation: box AP, mask AP, and mask AP of every class group.
+"""
+
+import argparse
+import copy
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+from tabulate import tabulate
+
+from masklab_d2.config import load_config
+from masklab_d2.data import PartialMaskDatasetMapper
+from masklab_d2.evaluation import PartialCOCOEvaluator
+from masklab_d2.modeling import MaskLabCheckpointer
+
+logger = logging.getLogger("masklab_d2.precise_bn_eval")
+
+
+def evaluate(cfg, model, dataset_name: str, output_dir: Optional[str] = None) -> Dict[str, float]:
+    """Box / mask AP (and mask AP per class group) of ``model`` on one test set, flattened."""
+    loader = build_detection_test_loader(
+        cfg, dataset_name, mapper=PartialMaskDatasetMapper(cfg, is_train=False)
+    )
+    evaluator = PartialCOCOEvaluator(
+        dataset_name,
+        cfg,
+        True,
+        output_dir=output_dir,
+        mask_train_classes=cfg.DATASETS.MASK_TRAIN_CLASSES,
+    )
+    results = inference_on_dataset(model, loader, evaluator)
+    return {f"{task}/{k}": v for task, metrics in results.items() for k, v in metrics.items()}
+
+
+def recompute_bn_statistics(cfg, model, num_iter: int) -> int:
+    """Replaces the running statistics of ``model``'s trainable BN layers by precise ones.
+
+    Returns:
+        The number of BN layers updated (0: nothing to do, the model is unchanged).
+    """
+    model.train()
+    layers = get_bn_modules(model)
+    if layers:
+        loader = iter(
+            build_detection_train_loader(cfg, mapper=PartialMaskDatasetMapper(cfg, is_train=True))
+        )
+        with EventStorage(), torch.no_grad():
+            update_bn_stats(model, (next(loader) for _ in range(num_iter)), num_iter)
+    model.eval()
+    return len(layers)
+
+
+def precise_bn_comparison(cfg, weights: str, num_iter: int) -> List[Dict[str, object]]:
+    """Evaluates ``weights`` as trained and with precise BN statistics, on every test set."""
+    model = build_model(cfg)
+    MaskLabCheckpointer(model).load(weights)
+    if cfg.MODEL.FREEZE_DETECTOR:
+        # As trained: a head-only run's detector is frozen, its BN layers too.
+        from masklab_d2.modeling import freeze_detector
+
+        freeze_detector(model)
+    rows = []
+    model.eval()
+    for dataset_name in cfg.DATASETS.TEST:
+        rows.append({"statistics": "as trained", "dataset": dataset_name})
+        rows[-1].update(evaluate(cfg, model, dataset_name))
+    precise = copy.deepcopy(model)
+    num_layers = recompute_bn_statistics(cfg, precise, num_iter)
+    for dataset_name in cfg.DATASETS.TEST:
+        rows.append(
+            {
+                "statistics": f"precise ({num_iter} batches, {num_layers} BN layers)",
+                "dataset": dataset_name,
+            }
+        )
+        rows[-1].update(evaluate(cfg, precise, dataset_name))
+    return rows
+
+
+def format_rows(rows: Sequence[Dict[str, object]], tablefmt: str = "pipe") -> str:
+    """The rows as a table: box AP, mask AP and the mask AP of each class group."""
+    keys = ["bbox/AP", "segm/AP"] + sorted(
+        {k for row in rows for k in row if k.startswith("segm/") and k.endswith("/AP")}
+        - {"segm/AP"}
+    )
+    table = [
+        [row["statistics"], row["dataset"]]
+        + [f"{row[k]:.2f}" if isinstance(row.get(k), float) else "-" for k in keys]
+        for row in rows
+    ]
+    return tabulate(table, headers=["BN statistics", "dataset"] + keys, tablefmt=tablefmt)
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", required=True, help="the trained model (.pth)")
+    parser.add_argument("--num-iter", type=int, default=100, help="training batches for PreciseBN")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config options KEY VALUE ... (last)"
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
+    args = build_argument_parser().parse_args(argv)
+    if args.num_iter <= 0:
+        raise SystemExit("--num-iter must be positive")
+    setup_logger(name="masklab_d2")
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    rows = precise_bn_comparison(cfg, args.weights, args.num_iter)
+    table = format_rows(rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
