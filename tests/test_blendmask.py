@@ -218,3 +218,24 @@ def test_coco_configs_build_and_train_one_step(config):
         losses["loss_basis_sem"].item()
     )
     assert head.attention.predictor.weight.grad is not None
+
+
+def test_frozen_detector_switches_the_semantic_loss_off():
+    """The seg head reads the FPN; a frozen FPN makes its loss unable to reach the masks."""
+    cfg = tiny_cfg(GT_CROP, **{"MODEL.FREEZE_DETECTOR": True})
+    assert cfg.MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT > 0
+    head = build_model(cfg).roi_heads.mask_head
+    assert head.seg_head is None and not head.uses_image_targets
+    cfg = tiny_cfg(GT_CROP)
+    assert build_model(cfg).roi_heads.mask_head.seg_head is not None
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["shapes/blendmask_R_18_FPN.yaml", GT_CROP] + COCO_CONFIGS,
+)
+def test_blendmask_configs_train_the_blender_on_ground_truth_boxes(config):
+    """As the paper and AdelaiDet; shapes-partial/blendmask_R_18_FPN.yaml is the proposal variant."""
+    assert load_config(os.path.join(CONFIGS, config)).MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES
+    proposals = load_config(os.path.join(CONFIGS, "shapes-partial/blendmask_R_18_FPN.yaml"))
+    assert not proposals.MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES

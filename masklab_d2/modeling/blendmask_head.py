@@ -12,7 +12,15 @@ Training losses: ``loss_mask``, detectron2's ``mask_rcnn_loss`` (per-pixel sigmo
 MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT > 0, ``loss_basis_sem``: AdelaiDet's auxiliary per-pixel
 cross entropy of a small segmentation head on the first bottom level against a thing-only
 semantic map built from the image's ground truth, in which the boxes of instances without masks
-are ignored (partial supervision: their pixels are never called background).
+are ignored (partial supervision: their pixels are never called background). The segmentation
+head reads the FPN level itself, as AdelaiDet's, so the loss shapes the shared features; under
+MODEL.FREEZE_DETECTOR those are frozen and the loss could not reach the masks, so it is switched
+off (no segmentation head is built).
+
+Training boxes: BlendMask trains the blender on ground-truth boxes ("During training, ground truth
+boxes are used as the proposals"), and so do the BlendMask configs
+(MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES: True); training on foreground proposals is the
+``configs/shapes-partial/blendmask_R_18_FPN.yaml`` variant.
 
 The bases are RoIAligned with ROIAlignV2, sampling_ratio 1, as AdelaiDet's blender: detectron2
 crops the targets with ROIAlignV2 too (``BitMasks.crop_and_resize``), so every blended pixel sits
@@ -22,6 +30,7 @@ edges instead (half a bin off the targets), and its box-coordinate gradient is o
 NOTE: the head is built with POOLER_TYPE "" (it pools for itself), see configs/*/blendmask_*.yaml.
 """
 
+import logging
 from typing import Dict, List, Optional
 
 import torch
@@ -91,6 +100,9 @@ def semantic_targets(gt_instances: List[Instances], size, stride: int) -> torch.
             )
         )
     return torch.stack(targets)
+
+
+logger = logging.getLogger(__name__)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -206,6 +218,15 @@ class BlendMaskHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         bm = cfg.MODEL.BLENDMASK
+        semantic_loss_weight = bm.SEMANTIC_LOSS_WEIGHT
+        if cfg.MODEL.FREEZE_DETECTOR and semantic_loss_weight > 0:
+            # The segmentation head exists to shape the FPN features the bases are made from;
+            # a frozen detector fixes them, so the loss would train a head nothing reads.
+            logger.warning(
+                "MODEL.FREEZE_DETECTOR: BlendMask's auxiliary semantic loss can only shape the "
+                "frozen FPN features, so it is off (MODEL.BLENDMASK.SEMANTIC_LOSS_WEIGHT ignored)"
+            )
+            semantic_loss_weight = 0.0
         # fmt: off
         return {
             "input_shape":          input_shape,
@@ -220,7 +241,7 @@ class BlendMaskHead(nn.Module):
             "attn_num_convs":       bm.ATTN_NUM_CONVS,
             "attn_conv_dim":        bm.ATTN_CONV_DIM,
             "attn_sampling_ratio":  cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO,
-            "semantic_loss_weight": bm.SEMANTIC_LOSS_WEIGHT,
+            "semantic_loss_weight": semantic_loss_weight,
             "num_classes":          cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             "vis_period":           cfg.VIS_PERIOD,
         }
