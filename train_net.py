@@ -150,8 +150,12 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Config from file and command-line options; CPU when no GPU is visible."""
-    cfg = load_config(args.config_file, args.opts)
+    """Config from file and command-line options.
+
+    A CUDA config where no GPU is visible is an error unless MASKLAB_ALLOW_CPU=1 (or MODEL.DEVICE
+    is "cpu" or "auto"): a cluster job must not train on the CPU unnoticed.
+    """
+    cfg = load_config(args.config_file, args.opts, allow_cpu_fallback=None)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="masklab_d2")

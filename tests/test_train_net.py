@@ -36,6 +36,8 @@ TINY = [
     "2",
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
     "32",
+    "MODEL.DEVICE",
+    "cpu",
 ]
 
 
