@@ -1,0 +1,155 @@
+"""Training and evaluation of LazyConfig (``.py``) configs, for ``train_net.py``.
+
+detectron2's recipe (``tools/lazyconfig_train_net.py``: ``LazyConfig``, ``instantiate``,
+``SimpleTrainer`` / ``AMPTrainer``, ``default_setup`` and its hooks), with what masklab_d2's
+YAML path adds: graceful stops (:mod:`masklab_d2.engine.graceful_stop`), COCO-format datasets
+from ``--coco-dataset``, the CPU when no GPU is visible, and per-module learning-rate factors
+(``lr_factor`` attributes, e.g. the deformable pooler's offset network).
+
+A config has detectron2's LazyConfig layout (its ``configs/common/train.py``): ``model``,
+``dataloader.{train, test, evaluator}``, ``optimizer``, ``lr_multiplier`` and ``train``
+(``output_dir``, ``init_checkpoint``, ``max_iter``, ``amp``, ``ddp``, ``checkpointer``,
+``eval_period``, ``log_period``, ``device``; ``seed`` optional).
+"""
+
+import logging
+import signal
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+from masklab_d2.data import register_coco_datasets
+from masklab_d2.modeling.optim import module_lr_factors
+
+from .graceful_stop import EXIT_INTERRUPTED, GracefulStopHook, stop_requested
+
+logger = logging.getLogger("masklab_d2")
+
+__all__ = ["build_model", "build_optimizer", "do_test", "do_train", "is_lazy_config", "main"]
+
+
+def is_lazy_config(config_file: str) -> bool:
+    """Whether ``config_file`` is a LazyConfig (Python) file rather than a YAML one."""
+    return config_file.endswith(".py")
+
+
+def setup(args):
+    """The config of ``args.config_file`` with ``args.opts`` (``key=value``) applied, on the CPU
+    when it names CUDA and no GPU is visible; logging and the output folder set up."""
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    default_setup(cfg, args)
+    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="masklab_d2")
+    return cfg
+
+
+def build_model(cfg) -> nn.Module:
+    """``cfg.model`` instantiated, on ``cfg.train.device``."""
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    return model
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` for ``model``; modules' ``lr_factor`` scale their learning rates.
+
+    The factors multiply any ``lr_factor_func`` the config already has (ViTDet's layer decay).
+    """
+    cfg.optimizer.params.model = model
+    if any(getattr(m, "lr_factor", None) is not None for m in model.modules()):
+        factors = module_lr_factors(model)
+        configured = cfg.optimizer.params.get("lr_factor_func")
+        cfg.optimizer.params.lr_factor_func = (
+            factors if configured is None else (lambda name: configured(name) * factors(name))
+        )
+    return instantiate(cfg.optimizer)
+
+
+def do_test(cfg, model: nn.Module) -> dict:
+    """Inference on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; {} without one."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg) -> None:
+    """Trains ``cfg.model`` as detectron2's lazy trainer does, stopping gracefully on signals.
+
+    Args:
+        args: the command line (``resume``).
+        cfg: the loaded config (see the module docstring).
+    """
+    model = build_model(cfg)
+    logger.info(f"Model:\n{model}")
+    optimizer = build_optimizer(cfg, model)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.ddp)
+    amp = cfg.train.amp.enabled
+    if amp and cfg.train.device == "cpu":
+        # detectron2's AMPTrainer needs CUDA; the LSJ / ViTDet recipes enable it.
+        logger.warning("train.amp.enabled ignored: mixed precision needs a GPU")
+        amp = False
+    trainer = (AMPTrainer if amp else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+            # Last, so that the iteration it saves on a stop is complete.
+            GracefulStopHook(checkpointer),
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # A checkpoint holds the iteration that had just finished.
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    """train_net.py's entry for a LazyConfig file: train, or evaluate with ``--eval-only``.
+
+    ``--eval-only`` evaluates ``train.init_checkpoint`` (with ``--resume``: the output folder's
+    last checkpoint, when there is one).
+    """
+    register_coco_datasets(getattr(args, "coco_dataset", None))
+    cfg = setup(args)
+    if not args.eval_only:
+        return do_train(args, cfg)
+    # Nothing to save on a stop: Ctrl-C and a scheduler's SIGTERM end an evaluation at once.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+    if stop_requested() is not None:
+        raise SystemExit(EXIT_INTERRUPTED)
+    model = build_model(cfg)
+    model = create_ddp_model(model)
+    DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+        cfg.train.init_checkpoint, resume=args.resume
+    )
+    return do_test(cfg, model)

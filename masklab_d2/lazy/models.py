@@ -1,0 +1,464 @@
+"""Lazy model pieces: every mask head, and what it needs, on detectron2's LazyConfig models.
+
+detectron2's LazyConfig models (``configs/common/models/mask_rcnn_fpn.py``, ViTDet's
+``mask_rcnn_vitdet.py``, the LSJ baselines built on them) are trees of ``LazyCall`` nodes. The
+functions here edit such a tree in place and return it, as detectron2's own configs edit theirs
+(``model.backbone.bottom_up.freeze_at = 0``), so that a config with another head is a few lines::
+
+    model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    use_masklab_head(model)              # + PartialROIHeads, hypercolumn FPN, ground-truth boxes
+
+Each ``use_*_head`` function swaps ``model.roi_heads.mask_head`` and sets what that head needs
+around it: :class:`~masklab_d2.modeling.PartialROIHeads` (partial supervision, ground-truth-box
+training), the mask pooler (or none, for heads that crop for themselves), the maps the head
+reads and, for MaskLab, the bottom-up features passed through the FPN.
+
+The shapes (channels, stride) of the maps a head reads are taken from the backbone itself when
+the function runs: it is built once with its parameters on the meta device (no memory, no
+weights, the random state untouched). Change the backbone before calling a head function; like detectron2's own configs,
+whose heads spell out their ``input_shape``, a head keeps the shapes it was given.
+"""
+
+import contextlib
+from typing import Dict, Optional, Sequence
+
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import ResNet
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads import MaskRCNNConvUpsampleHead
+from detectron2.utils.registry import locate
+from torch import nn
+
+from masklab_d2.config import add_masklab_config
+from masklab_d2.layers.masklab import DirectionBinning
+from masklab_d2.modeling import PartialROIHeads
+from masklab_d2.modeling.backbone import HypercolumnFPN, HypercolumnResNet, build_hypercolumn_resnet
+from masklab_d2.modeling.blendmask_head import BlendMaskHead
+from masklab_d2.modeling.deep_marc_head import HourglassMaskHead, ResNetMaskHead
+from masklab_d2.modeling.masklab_head import MaskLabHead
+from masklab_d2.modeling.poolers import CropAndResizePooler, DeformableCropAndResizePooler
+
+__all__ = [
+    "crop_and_resize_poolers",
+    "deformable_box_pooler",
+    "feature_shapes",
+    "hypercolumn_fpn",
+    "hypercolumn_resnet",
+    "partial_roi_heads",
+    "use_blendmask_head",
+    "use_deep_marc_head",
+    "use_mask_rcnn_head",
+    "use_masklab_head",
+]
+
+
+def _target(node):
+    """The callable a LazyCall node names (detectron2 stores it as the object or its path)."""
+    target = node["_target_"]
+    return locate(target) if isinstance(target, str) else target
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside keep their parameters on the meta device (no memory, no init cost).
+
+    Only parameters move: constructors that compute with ordinary tensors (ViT's drop-path
+    rates call ``.item()``) work unchanged, which ``torch.device("meta")`` would break.
+    """
+    register_parameter = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
+
+
+def feature_shapes(model, names: Optional[Sequence[str]] = None) -> Dict[str, ShapeSpec]:
+    """Shapes of the backbone's outputs, from the backbone that ``model.backbone`` builds.
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node.
+        names: the outputs wanted, in this order (default: all).
+
+    Returns:
+        name -> ShapeSpec(channels, stride).
+
+    Raises:
+        ValueError: when the backbone has no output of one of ``names``.
+    """
+    # fork_rng: the seeded initialisation of the real model must not depend on this call.
+    with torch.random.fork_rng(devices=[]), _parameters_on_meta():
+        shapes = instantiate(model.backbone).output_shape()
+    names = list(shapes) if names is None else list(names)
+    missing = [f for f in names if f not in shapes]
+    if missing:
+        raise ValueError(f"the backbone has no outputs {missing} (it has {sorted(shapes)})")
+    return {f: ShapeSpec(channels=shapes[f].channels, stride=shapes[f].stride) for f in names}
+
+
+def partial_roi_heads(
+    model,
+    *,
+    train_mask_on_gt_boxes: Optional[bool] = None,
+    max_mask_rois_per_image: Optional[int] = None,
+):
+    """Makes ``model.roi_heads`` a :class:`PartialROIHeads`, keeping every other argument.
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node whose ROI heads are StandardROIHeads' kind.
+        train_mask_on_gt_boxes: train the mask branch on the ground-truth boxes (None: keep;
+            False on conversion).
+        max_mask_rois_per_image: cap on the foreground proposals per image that train the mask
+            branch, 0 for none (None: keep; 0 on conversion).
+
+    Returns:
+        ``model``.
+    """
+    roi_heads = model.roi_heads
+    if _target(roi_heads) is not PartialROIHeads:
+        roi_heads._target_ = PartialROIHeads
+        roi_heads.train_mask_on_gt_boxes = False
+        roi_heads.max_mask_rois_per_image = 0
+    if train_mask_on_gt_boxes is not None:
+        roi_heads.train_mask_on_gt_boxes = train_mask_on_gt_boxes
+    if max_mask_rois_per_image is not None:
+        roi_heads.max_mask_rois_per_image = max_mask_rois_per_image
+    return model
+
+
+def crop_and_resize_poolers(model):
+    """Replaces the box and mask ROIPoolers (those the model has) by crop-and-resize poolers.
+
+    TensorFlow-style crop_and_resize, half-pixel aligned as ROIAlignV2, one sample per output
+    pixel; masklab_d2's op is several times faster than torchvision's RoIAlign on the CPU.
+
+    Returns:
+        ``model``.
+    """
+    for name in ("box_pooler", "mask_pooler"):
+        pooler = model.roi_heads.get(name)
+        if pooler is not None:
+            model.roi_heads[name] = L(CropAndResizePooler)(
+                output_size=pooler.output_size, scales=pooler.scales
+            )
+    return model
+
+
+def deformable_box_pooler(
+    model,
+    *,
+    grid: int = 7,
+    gamma: float = 0.1,
+    hidden_dim: int = 256,
+    max_offset: float = 5.0,
+    lr_factor: float = 0.01,
+):
+    """Replaces the box pooler by MaskLab's deformable crop-and-resize pooler.
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node.
+        grid, gamma, hidden_dim, max_offset, lr_factor: see
+            :class:`~masklab_d2.modeling.poolers.DeformableCropAndResizePooler` (the README's
+            MODEL.ROI_BOX_HEAD.DEFORMABLE_* keys). ``lr_factor`` scales the offset network's
+            learning rate when masklab_d2's lazy trainer builds the optimizer.
+
+    Returns:
+        ``model``.
+    """
+    roi_heads = model.roi_heads
+    channels = {s.channels for s in feature_shapes(model, roi_heads.box_in_features).values()}
+    if len(channels) != 1:
+        raise ValueError(f"pooled features must share a channel count, got {channels}")
+    roi_heads.box_pooler = L(DeformableCropAndResizePooler)(
+        output_size=roi_heads.box_pooler.output_size,
+        scales=roi_heads.box_pooler.scales,
+        in_channels=channels.pop(),
+        grid=grid,
+        gamma=gamma,
+        hidden_dim=hidden_dim,
+        max_offset=max_offset,
+        lr_factor=lr_factor,
+    )
+    return model
+
+
+def hypercolumn_resnet(
+    *,
+    depth: int,
+    out_features: Sequence[str],
+    norm: str = "FrozenBN",
+    stem_out_channels: int = 64,
+    res2_out_channels: Optional[int] = None,
+    stride_in_1x1: bool = True,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+    res4_dilation: int = 1,
+    res5_dilation: int = 1,
+    res5_multi_grid: Sequence[int] = (),
+    freeze_at: int = 0,
+    in_channels: int = 3,
+) -> HypercolumnResNet:
+    """masklab_d2's ResNet from keyword arguments, for LazyCall: any width for R-18/34, atrous
+    res4 / res5 with multi-grid rates, and a "conv1" output (see
+    :mod:`masklab_d2.modeling.backbone`).
+
+    The same builder as the YAML backbones, so both config systems make the same network with
+    the same parameter names. Arguments are the MODEL.RESNETS keys of the same names
+    (``res2_out_channels`` defaults to 64 for R-18/34 and 256 otherwise, detectron2's widths),
+    and MODEL.BACKBONE.FREEZE_AT.
+    """
+    from detectron2.config import get_cfg  # the YAML defaults the builder reads
+
+    cfg = get_cfg()
+    add_masklab_config(cfg)
+    resnets = cfg.MODEL.RESNETS
+    # fmt: off
+    resnets.DEPTH             = depth
+    resnets.NORM              = norm
+    resnets.STEM_OUT_CHANNELS = stem_out_channels
+    resnets.RES2_OUT_CHANNELS = res2_out_channels or (64 if depth in (18, 34) else 256)
+    resnets.STRIDE_IN_1X1     = stride_in_1x1
+    resnets.NUM_GROUPS        = num_groups
+    resnets.WIDTH_PER_GROUP   = width_per_group
+    resnets.RES4_DILATION     = res4_dilation
+    resnets.RES5_DILATION     = res5_dilation
+    resnets.RES5_MULTI_GRID   = list(res5_multi_grid)
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    # fmt: on
+    return build_hypercolumn_resnet(cfg, ShapeSpec(channels=in_channels), list(out_features))
+
+
+def hypercolumn_fpn(model, features: Sequence[str] = ("conv1", "res2")):
+    """Makes the FPN also return bottom-up features (e.g. "conv1", "res2") unchanged.
+
+    ``model.backbone`` must be an FPN over a ResNet (detectron2's, whose weights and parameter
+    names are kept, or :func:`hypercolumn_resnet`).
+
+    Returns:
+        ``model``.
+    """
+    backbone = model.backbone
+    bottom_up = backbone.bottom_up
+    if _target(bottom_up) is ResNet:
+        bottom_up._target_ = HypercolumnResNet  # same stages and names, plus "conv1"
+    elif _target(bottom_up) not in (HypercolumnResNet, hypercolumn_resnet):
+        raise ValueError(
+            f"hypercolumn features need a ResNet bottom-up network, got {_target(bottom_up)}"
+        )
+    # The FPN's own inputs stay the pyramid's; detectron2's configs tie them to the bottom-up
+    # outputs by interpolation, which would now include the extra features.
+    in_features = list(backbone.in_features)
+    backbone._target_ = HypercolumnFPN
+    backbone.in_features = in_features
+    backbone.hypercolumn_features = list(features)
+    bottom_up.out_features = in_features + [f for f in features if f not in in_features]
+    return model
+
+
+def _pooled_features_setup(model, resolution: Optional[int]):
+    """Mask branch reads the box branch's maps through a pooler (the existing one, resized, or
+    ROIAlignV2); returns the pooled ShapeSpec."""
+    roi_heads = model.roi_heads
+    roi_heads.mask_in_features = list(roi_heads.box_in_features)
+    shapes = feature_shapes(model, roi_heads.mask_in_features)
+    if roi_heads.get("mask_pooler") is None:
+        roi_heads.mask_pooler = L(ROIPooler)(
+            output_size=resolution or 14,
+            scales=tuple(1.0 / s.stride for s in shapes.values()),
+            sampling_ratio=0,
+            pooler_type="ROIAlignV2",
+        )
+    elif resolution is not None:
+        roi_heads.mask_pooler.output_size = resolution
+    size = roi_heads.mask_pooler.output_size
+    channels = {s.channels for s in shapes.values()}
+    if len(channels) != 1:
+        raise ValueError(f"pooled features must share a channel count, got {channels}")
+    return ShapeSpec(channels=channels.pop(), height=size, width=size)
+
+
+def use_mask_rcnn_head(
+    model,
+    *,
+    conv_dims: Sequence[int] = (256, 256, 256, 256, 256),
+    conv_norm="",
+    resolution: Optional[int] = None,
+    cls_agnostic: bool = False,
+    train_on_gt_boxes: Optional[bool] = None,
+):
+    """Mask R-CNN's 4-conv head (detectron2's MaskRCNNConvUpsampleHead) on pooled box features.
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node.
+        conv_dims: the convs' widths, the last one the deconv's (detectron2's 4 x 256 + 256).
+        conv_norm: their norm (a name or a callable, as detectron2's).
+        resolution: pooler output size (None: keep the mask pooler's, or 14 when there is none).
+        cls_agnostic: one mask for all classes.
+        train_on_gt_boxes: train on ground-truth boxes (None: keep the ROI heads' setting).
+
+    Returns:
+        ``model``.
+    """
+    partial_roi_heads(model, train_mask_on_gt_boxes=train_on_gt_boxes)
+    model.roi_heads.mask_head = L(MaskRCNNConvUpsampleHead)(
+        input_shape=_pooled_features_setup(model, resolution),
+        num_classes=1 if cls_agnostic else "${..num_classes}",
+        conv_dims=list(conv_dims),
+        conv_norm=conv_norm,
+    )
+    return model
+
+
+def use_deep_marc_head(
+    model,
+    *,
+    network: str = "hourglass52",
+    num_filters: int = 64,
+    norm: str = "BN",
+    resolution: int = 32,
+    cls_agnostic: bool = True,
+    train_on_gt_boxes: bool = True,
+):
+    """Deep-MARC's hourglass / ResNet mask head on pooled box features.
+
+    Defaults are the paper's: Hourglass-52 at nc = 64 on 32 x 32 crops (-> 64 x 64 masks),
+    class-agnostic, trained on ground-truth boxes.
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node.
+        network: "hourglass10/20/32/52/100" (HourglassMaskHead) or "resnet4/8/12/16/20"
+            (ResNetMaskHead).
+        num_filters: nc.
+        norm: "BN", "SyncBN", "GN" or "".
+        resolution: the pooler's output size.
+        cls_agnostic: one mask for all classes.
+        train_on_gt_boxes: train the mask branch on ground-truth boxes.
+
+    Returns:
+        ``model``.
+    """
+    head = HourglassMaskHead if network in HourglassMaskHead.valid_networks else ResNetMaskHead
+    head.check_network(network)  # fails here, naming the valid networks, not at build time
+    partial_roi_heads(model, train_mask_on_gt_boxes=train_on_gt_boxes)
+    model.roi_heads.mask_head = L(head)(
+        input_shape=_pooled_features_setup(model, resolution),
+        network=network,
+        num_classes=1 if cls_agnostic else "${..num_classes}",
+        num_filters=num_filters,
+        norm=norm,
+    )
+    return model
+
+
+def use_blendmask_head(
+    model,
+    *,
+    bottom_in_features: Sequence[str] = ("p3", "p4", "p5"),
+    train_on_gt_boxes: Optional[bool] = None,
+    **kwargs,
+):
+    """BlendMask's blender as an ROI mask head, reading the box branch's pyramid levels.
+
+    Masks are class-agnostic. The head crops for itself: the mask pooler is removed.
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node (FPN-like backbone).
+        bottom_in_features: levels the bottom module fuses (bases at half the first's stride).
+        train_on_gt_boxes: train on ground-truth boxes (None: keep the ROI heads' setting).
+        kwargs: other :class:`BlendMaskHead` arguments (``num_bases``, ``bottom_resolution``,
+            ``norm``, ...); the rest keep the head's defaults, which are the YAML defaults.
+
+    Returns:
+        ``model``.
+    """
+    partial_roi_heads(model, train_mask_on_gt_boxes=train_on_gt_boxes)
+    roi_heads = model.roi_heads
+    roi_heads.mask_in_features = list(roi_heads.box_in_features)
+    roi_heads.mask_pooler = None
+    roi_heads.mask_head = L(BlendMaskHead)(
+        input_shape=feature_shapes(model, roi_heads.mask_in_features),
+        bottom_in_features=list(bottom_in_features),
+        num_classes="${..num_classes}",
+        **kwargs,
+    )
+    return model
+
+
+def use_masklab_head(
+    model,
+    *,
+    hypercolumn_features: Sequence[str] = ("conv1", "res2"),
+    dense_in_features: Optional[Sequence[str]] = None,
+    cls_agnostic: bool = False,
+    num_directions: int = 8,
+    num_distance_bins: int = 4,
+    distance_metric: str = "box",
+    **kwargs,
+):
+    """MaskLab's head, trained on ground-truth boxes (as the paper), with what it reads.
+
+    The dense semantic / direction branch reads the box branch's pyramid levels (or
+    ``dense_in_features``); the refinement crops ``hypercolumn_features``. Bottom-up ResNet
+    features among them ("conv1", "res2", ...) are passed through the FPN
+    (:func:`hypercolumn_fpn`); a backbone without them (ViTDet's simple pyramid) can name its own
+    levels instead, e.g. ``("p2",)``.
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node.
+        hypercolumn_features: maps cropped for the refinement (the paper: conv1 and res2).
+        dense_in_features: maps the dense branch merges (default: the box branch's).
+        cls_agnostic: crop one foreground semantic channel for every box instead of the box
+            class's (MODEL.MASKLAB.SEMANTIC_INPUT "agnostic"; for unseen classes).
+        num_directions, num_distance_bins, distance_metric: the direction binning.
+        kwargs: other :class:`MaskLabHead` arguments (``crop_size``, ``dense_conv_dim``, ...).
+            Defaults are the YAML defaults (MODEL.MASKLAB.*).
+
+    Returns:
+        ``model``.
+    """
+    roi_heads = model.roi_heads
+    pyramid = list(dense_in_features or roi_heads.box_in_features)
+    available = feature_shapes(model)
+    bottom_up = [f for f in hypercolumn_features if f not in available]
+    if bottom_up:
+        hypercolumn_fpn(model, bottom_up)
+    partial_roi_heads(model, train_mask_on_gt_boxes=True)
+    roi_heads.mask_in_features = pyramid + [f for f in hypercolumn_features if f not in pyramid]
+    roi_heads.mask_pooler = None
+    head = dict(
+        input_shape=feature_shapes(model, roi_heads.mask_in_features),
+        num_classes="${..num_classes}",
+        dense_in_features=pyramid,
+        common_stride=4,
+        dense_conv_dim=128,
+        dense_norm="GN",
+        binning=L(DirectionBinning)(
+            num_directions=num_directions,
+            num_distance_bins=num_distance_bins,
+            distance_metric=distance_metric,
+        ),
+        use_semantic=True,
+        use_direction=True,
+        semantic_input="agnostic" if cls_agnostic else "class",
+        crop_size=41,
+        hypercolumn_features=list(hypercolumn_features),
+        refine_num_convs=3,
+        refine_conv_dim=64,
+        refine_kernel_size=5,
+        coarse_loss_weight=1.0,
+        semantic_loss_weight=0.0,
+        direction_loss_weight=0.0,
+        direction_center="box",
+    )
+    head.update(kwargs)
+    roi_heads.mask_head = L(MaskLabHead)(**head)
+    return model
