@@ -494,3 +494,18 @@ def test_dense_semantic_loss_leaves_classes_without_masks_out_of_the_softmax():
     grad = model.roi_heads.mask_head.dense_branch.semantic.weight.grad.flatten(1).abs().sum(1)
     assert (grad[unseen] == 0).all(), grad  # ignored, not pushed towards background
     assert (grad[seen] > 0).all() and grad[-1] > 0
+
+
+def test_partial_masklab_configs_use_the_agnostic_semantic_input():
+    _d2()
+    from masklab_d2.config import load_config
+
+    paths = glob.glob(os.path.join(CONFIGS, "*", "masklab_*.yaml")) + glob.glob(
+        os.path.join(CONFIGS, "shapes", "masklab-ablations", "*.yaml")
+    )
+    assert len(paths) > 15
+    for path in paths:
+        cfg = load_config(path)
+        partial = cfg.DATASETS.MASK_TRAIN_CLASSES != "all"
+        expected = "agnostic" if partial else "class"  # "class": the paper, full supervision
+        assert cfg.MODEL.MASKLAB.SEMANTIC_INPUT == expected, path
