@@ -4,30 +4,64 @@ Both new types reuse detectron2's `ROIPooler` (its FPN level assignment and batc
 per-level poolers swapped for masklab_d2's crop ops, so they plug into any head that takes pooled
 features. "DeformableCropAndResize" learns sub-box offsets (MaskLab's deformable crop and resize);
 one offset network is shared by all feature levels, as the box head is.
+
+The cropping convention: "CropAndResize" samples each box's S x S bin centres, half-pixel
+aligned, with RoIAlign's border rule -- exactly detectron2's ROIAlignV2 with sampling_ratio 1,
+computed by the faster crop op -- which is also how MaskLab's crops and BlendMask's base crops
+sample. Every head of a comparison config then reads its box and mask inputs the same way.
+"DeformableCropAndResize" keeps TensorFlow's lattice on the box edges (MaskLab's paper op, whose
+sub-box structure is defined on it).
 """
 
 from typing import Dict, Sequence
 
+import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
-from masklab_d2.layers import CropAndResize
+from masklab_d2.layers import crop_and_resize
 from masklab_d2.layers.deformable_pooling import DeformableCropAndResizePool, SubBoxOffsetNet
+from masklab_d2.layers.masklab import lattice_rois
 
 CROP_POOLER_TYPES = ("CropAndResize", "DeformableCropAndResize")
 
 
-class CropAndResizePooler(ROIPooler):
-    """ROIPooler whose level poolers are TensorFlow-style crop_and_resize (half-pixel aligned).
+class BinCentreCropAndResize(nn.Module):
+    """crop_and_resize at a box's S x S bin centres: RoIAlign(aligned=True, sampling_ratio=1).
 
-    NOTE: ``sampling_ratio`` does not apply: crop_and_resize takes one sample per output pixel.
+    Args:
+        output_size: S.
+        spatial_scale: feature-map size / input size.
+    """
+
+    def __init__(self, output_size: int, spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = float(spatial_scale)
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W], [K, 5] (batch index, x1, y1, x2, y2) -> [K, C, S, S]."""
+        lattice = lattice_rois(rois[:, 1:], rois[:, 0], self.output_size)
+        return crop_and_resize(
+            features, lattice, self.spatial_scale, self.output_size, aligned=True
+        )
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+class CropAndResizePooler(ROIPooler):
+    """ROIPooler with ROIAlignV2's result at sampling_ratio 1, computed by crop_and_resize.
+
+    One sample per output pixel at the bin centre (:class:`BinCentreCropAndResize`), half-pixel
+    aligned, RoIAlign's border rule; ``sampling_ratio`` does not apply.
     """
 
     def __init__(self, output_size: int, scales: Sequence[float], **kwargs):
         super().__init__(output_size, scales, sampling_ratio=0, pooler_type="ROIAlignV2", **kwargs)
         self.level_poolers = nn.ModuleList(
-            CropAndResize(output_size, spatial_scale=scale, aligned=True) for scale in scales
+            BinCentreCropAndResize(output_size, scale) for scale in scales
         )
 
 

@@ -1,0 +1,93 @@
+"""The comparison configs' cropping convention: CropAndResizePooler == ROIAlignV2, sampling 1."""
+
+import pytest
+import torch
+
+from conftest import HAS_DETECTRON2
+
+pytestmark = [
+    pytest.mark.detectron2,
+    pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed"),
+]
+
+
+def _pool(pooler_type, features, boxes, output_size=7):
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+
+    from masklab_d2.modeling.poolers import CropAndResizePooler
+
+    scales = (1 / 4, 1 / 8, 1 / 16)
+    if pooler_type == "CropAndResize":
+        pooler = CropAndResizePooler(output_size, scales)
+    else:
+        pooler = ROIPooler(output_size, scales, sampling_ratio=1, pooler_type="ROIAlignV2")
+    return pooler(features, [Boxes(b) for b in boxes])
+
+
+@pytest.mark.parametrize("constant", [True, False], ids=["ones", "random"])
+def test_crop_and_resize_pooler_equals_roi_align_v2_with_one_sample(constant):
+    torch.manual_seed(0)
+    image = 128
+    features = [
+        (
+            torch.ones(2, 3, image // s, image // s)
+            if constant
+            else torch.randn(2, 3, image // s, image // s)
+        )
+        for s in (4, 8, 16)
+    ]
+    # Boxes on every image border, boxes wholly inside, large ones (coarser levels), tiny ones.
+    boxes = [
+        torch.tensor(
+            [[0.0, 0.0, 40.0, 30.0], [90.0, 100.0, 128.0, 128.0], [0.0, 0.0, 128.0, 128.0]]
+        ),
+        torch.tensor([[10.3, 20.7, 50.1, 90.2], [120.0, 3.0, 128.0, 9.0], [0.0, 60.0, 6.0, 128.0]]),
+    ]
+    ours = _pool("CropAndResize", [f.clone().requires_grad_() for f in features], boxes)
+    reference = _pool("ROIAlignV2", features, boxes)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    if constant:  # no zeros at the image border
+        assert torch.allclose(ours, torch.ones_like(ours))
+
+
+def test_crop_and_resize_pooler_feature_gradient_equals_roi_align_v2():
+    torch.manual_seed(0)
+    boxes = [torch.tensor([[0.0, 0.0, 40.0, 30.0], [60.0, 50.0, 128.0, 128.0]])]
+    grads = []
+    for pooler_type in ("CropAndResize", "ROIAlignV2"):
+        features = [torch.randn(1, 2, 128 // s, 128 // s, requires_grad=True) for s in (4, 8, 16)]
+        torch.manual_seed(1)
+        out = _pool(pooler_type, features, boxes)
+        (out * torch.randn_like(out)).sum().backward()
+        grads.append([f.grad for f in features])
+    for ours, reference in zip(*grads):
+        assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_comparison_configs_share_one_cropping_convention():
+    """Bin-centre, half-pixel, one sample per bin: CropAndResize (shapes) or ROIAlignV2 at ratio 1
+    (COCO) for every pooled mask input, and the heads that crop for themselves do the same."""
+    import glob
+    import os
+
+    from masklab_d2.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    paths = [
+        p
+        for folder in ("shapes", "shapes-partial", "coco", "coco-voc-nonvoc")
+        for p in glob.glob(os.path.join(root, folder, "*.yaml"))
+        if not os.path.basename(p).startswith("Base-")
+        and "C4" not in p  # C4: MaskLab's paper model
+    ]
+    assert len(paths) > 25
+    for path in paths:
+        cfg = load_config(path)
+        box, mask = cfg.MODEL.ROI_BOX_HEAD, cfg.MODEL.ROI_MASK_HEAD
+        if "shapes" in path:
+            assert box.POOLER_TYPE == "CropAndResize", path
+            assert mask.POOLER_TYPE in ("CropAndResize", ""), path
+        else:
+            assert box.POOLER_TYPE == "ROIAlignV2", path
+            assert mask.POOLER_TYPE in ("ROIAlignV2", "") and mask.POOLER_SAMPLING_RATIO == 1, path
