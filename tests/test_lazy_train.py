@@ -22,8 +22,9 @@ from masklab_d2.engine.lazy_train import do_train  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY = os.path.join(REPO, "configs", "lazy")
 PARTIAL = sorted(glob.glob(os.path.join(LAZY, "shapes-partial", "*.py")))
-# The tiny shapes splits at 128 px, 2 images a batch, on the CPU; few detections per image, as
-# evaluating a random model's detections is what costs the time.
+# The tiny shapes splits at 128 px, 2 images a batch, on the CPU, seeded. Five detections per
+# image, whatever their score: an untrained model's scores may all fall below the usual 0.05,
+# and evaluating many detections is what costs the time.
 TINY = [
     "dataloader.train.dataset.names=shapes_tiny_train",
     "dataloader.test.dataset.names=shapes_tiny_val",
@@ -37,6 +38,8 @@ TINY = [
     "model.roi_heads.batch_size_per_image=32",
     "model.proposal_generator.post_nms_topk=[100,50]",
     "model.roi_heads.box_predictor.test_topk_per_image=5",
+    "model.roi_heads.box_predictor.test_score_thresh=0.0",
+    "train.seed=0",
     "train.device=cpu",
 ]
 
@@ -97,14 +100,15 @@ def test_train_net_runs_a_lazy_config_with_overrides_resume_and_eval_only(tmp_pa
     final = [m for m in _metrics(tmp_path) if "segm/AP" in m][-1]
     assert "segm/seen/AP" in final and "segm/unseen/AP" in final
 
-    resumed = _train_net(config + overrides + ["--resume", "train.max_iter=3"])
+    resumed = _train_net(config + ["--resume"] + overrides + ["train.max_iter=3"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "Starting training from iteration 2" in resumed.stdout
 
     evaluated = _train_net(
         config
+        + ["--eval-only"]
         + overrides
-        + ["--eval-only", f"train.init_checkpoint={tmp_path / 'model_final.pth'}"]
+        + [f"train.init_checkpoint={tmp_path / 'model_final.pth'}"]
     )
     assert evaluated.returncode == 0, evaluated.stdout[-3000:]
     assert "copypaste" in evaluated.stdout and "Mask AP by class group" in evaluated.stdout

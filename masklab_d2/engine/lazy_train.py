@@ -3,13 +3,14 @@
 detectron2's recipe (``tools/lazyconfig_train_net.py``: ``LazyConfig``, ``instantiate``,
 ``SimpleTrainer`` / ``AMPTrainer``, ``default_setup`` and its hooks), with what masklab_d2's
 YAML path adds: graceful stops (:mod:`masklab_d2.engine.graceful_stop`), COCO-format datasets
-from ``--coco-dataset``, the CPU when no GPU is visible, and per-module learning-rate factors
+from ``--coco-dataset``, the YAML path's device policy (``train.device`` "auto"; no silent
+CPU fallback), and per-module learning-rate factors
 (``lr_factor`` attributes, e.g. the deformable pooler's offset network).
 
 A config has detectron2's LazyConfig layout (its ``configs/common/train.py``): ``model``,
 ``dataloader.{train, test, evaluator}``, ``optimizer``, ``lr_multiplier`` and ``train``
 (``output_dir``, ``init_checkpoint``, ``max_iter``, ``amp``, ``ddp``, ``checkpointer``,
-``eval_period``, ``log_period``, ``device``; ``seed`` optional).
+``eval_period``, ``log_period``, ``device`` ("cuda", "cpu" or "auto"); ``seed`` optional).
 """
 
 import logging
@@ -25,6 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
+from masklab_d2.config import ALLOW_CPU_ENV, cpu_fallback_allowed
 from masklab_d2.data import register_coco_datasets
 from masklab_d2.modeling.optim import module_lr_factors
 
@@ -32,7 +34,15 @@ from .graceful_stop import EXIT_INTERRUPTED, GracefulStopHook, stop_requested
 
 logger = logging.getLogger("masklab_d2")
 
-__all__ = ["build_model", "build_optimizer", "do_test", "do_train", "is_lazy_config", "main"]
+__all__ = [
+    "build_model",
+    "build_optimizer",
+    "do_test",
+    "do_train",
+    "is_lazy_config",
+    "main",
+    "resolve_device",
+]
 
 
 def is_lazy_config(config_file: str) -> bool:
@@ -41,15 +51,36 @@ def is_lazy_config(config_file: str) -> bool:
 
 
 def setup(args):
-    """The config of ``args.config_file`` with ``args.opts`` (``key=value``) applied, on the CPU
-    when it names CUDA and no GPU is visible; logging and the output folder set up."""
+    """The config of ``args.config_file`` with ``args.opts`` (``key=value``) applied, its device
+    resolved (:func:`resolve_device`); logging and the output folder set up."""
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        cfg.train.device = "cpu"
+    resolve_device(cfg)
     default_setup(cfg, args)
     setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="masklab_d2")
     return cfg
+
+
+def resolve_device(cfg) -> None:
+    """Sets ``cfg.train.device`` as the YAML path sets MODEL.DEVICE (masklab_d2.config).
+
+    "auto" is "cuda" when a GPU is visible, else "cpu". A CUDA device where no GPU is visible is
+    an error unless MASKLAB_ALLOW_CPU=1 (or PyTorch has no CUDA build): a job meant for GPUs must
+    not train on the CPU unnoticed.
+    """
+    device = cfg.train.device
+    has_gpu = torch.cuda.is_available()
+    if device == "auto":
+        cfg.train.device = "cuda" if has_gpu else "cpu"
+        logger.info(f"train.device auto: {cfg.train.device}")
+    elif device.startswith("cuda") and not has_gpu:
+        if not cpu_fallback_allowed():
+            raise RuntimeError(
+                f"train.device is {device!r} but no GPU is visible. To run on the CPU on purpose, "
+                f"pass train.device=cpu (or auto), or set {ALLOW_CPU_ENV}=1."
+            )
+        logger.warning(f"NO GPU VISIBLE: train.device {device!r} -> 'cpu'; this runs far slower")
+        cfg.train.device = "cpu"
 
 
 def build_model(cfg) -> nn.Module:

@@ -363,7 +363,7 @@ def use_blendmask_head(
     model,
     *,
     bottom_in_features: Sequence[str] = ("p3", "p4", "p5"),
-    train_on_gt_boxes: Optional[bool] = None,
+    train_on_gt_boxes: bool = True,
     **kwargs,
 ):
     """BlendMask's blender as an ROI mask head, reading the box branch's pyramid levels.
@@ -373,7 +373,8 @@ def use_blendmask_head(
     Args:
         model: a LazyConfig GeneralizedRCNN node (FPN-like backbone).
         bottom_in_features: levels the bottom module fuses (bases at half the first's stride).
-        train_on_gt_boxes: train on ground-truth boxes (None: keep the ROI heads' setting).
+        train_on_gt_boxes: train the blender on ground-truth boxes (the paper, AdelaiDet);
+            False: on foreground proposals.
         kwargs: other :class:`BlendMaskHead` arguments (``num_bases``, ``bottom_resolution``,
             ``norm``, ...); the rest keep the head's defaults, which are the YAML defaults.
 

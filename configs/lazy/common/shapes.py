@@ -66,6 +66,7 @@ train.max_iter = 3600
 train.eval_period = 900
 train.checkpointer.period = 900
 train.output_dir = "output/lazy/shapes"
+train.device = "auto"  # the GPU where there is one, else the CPU (these configs run on both)
 
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 0.001
