@@ -2,8 +2,10 @@
 
     MASKLAB_STOP_PROBE=<kind>@<iteration> python tests/stop_probe.py <train_net.py arguments>
 
-The signal comes from inside the run, at a chosen iteration, so the tests do not depend on
-timing. Kinds:
+It is also a train script for sweeps (it has train_net.py's ``main`` and
+``build_argument_parser``). The signal comes from inside the run, at a chosen iteration, so the
+tests do not depend on timing; it comes once per output folder (a requeued or resumed run is
+not signalled again). ``probe.txt`` in the output folder records what happened. Kinds:
 
 * ``import``: SIGTERM while a module is being imported (as TensorBoard's writer is on first
   use); the probe records "imported" in ``probe.txt`` when the import completed;
@@ -32,10 +34,17 @@ KIND, _, ITERATION = os.environ["MASKLAB_STOP_PROBE"].partition("@")
 ITERATION = int(ITERATION)
 
 
+OUTPUT_DIR = os.environ.get("MASKLAB_STOP_PROBE_DIR")  # else the run's OUTPUT_DIR
+
+
 def note(text):
-    output_dir = os.environ["MASKLAB_STOP_PROBE_DIR"]
-    with open(os.path.join(output_dir, "probe.txt"), "a") as f:
+    with open(os.path.join(OUTPUT_DIR, "probe.txt"), "a") as f:
         f.write(text + "\n")
+
+
+def fired():
+    path = os.path.join(OUTPUT_DIR, "probe.txt")
+    return os.path.exists(path) and "fired" in open(path).read()
 
 
 SLOW_MODULE = """
@@ -54,10 +63,11 @@ class Probe(HookBase):
                     parameter.fill_(float("nan"))
 
     def after_step(self):
-        if self.trainer.iter != ITERATION:
+        if self.trainer.iter != ITERATION or fired():
             return
+        note("fired")
         if KIND == "import":
-            folder = os.environ["MASKLAB_STOP_PROBE_DIR"]
+            folder = OUTPUT_DIR
             with open(os.path.join(folder, "probe_slow_module.py"), "w") as f:
                 f.write(SLOW_MODULE)
             sys.path.insert(0, folder)
@@ -106,6 +116,8 @@ class SignalDuringEvaluation(DatasetEvaluator):
 
 class ProbeTrainer(train_net.Trainer):
     def __init__(self, cfg):
+        global OUTPUT_DIR
+        OUTPUT_DIR = OUTPUT_DIR or cfg.OUTPUT_DIR
         super().__init__(cfg)
         self.checkpointer.add_checkpointable("probe", DoubleSignal())
 
@@ -124,8 +136,12 @@ class ProbeTrainer(train_net.Trainer):
 
 
 train_net.Trainer = ProbeTrainer
-if hasattr(train_net, "invoke_main"):
-    train_net.invoke_main()
-else:  # the command line of train_net.py before invoke_main existed (to compare behaviours)
-    args = train_net.build_argument_parser().parse_args()
-    train_net.launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+main = train_net.main
+build_argument_parser = train_net.build_argument_parser
+
+if __name__ == "__main__":
+    if hasattr(train_net, "invoke_main"):
+        train_net.invoke_main()
+    else:  # the command line of train_net.py before invoke_main existed (to compare behaviours)
+        args = train_net.build_argument_parser().parse_args()
+        train_net.launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))

@@ -66,7 +66,7 @@ def _assert_stopped_after(output, result, iteration):
 
 def test_signal_during_an_import_completes_it_then_stops_and_resumes(tmp_path):
     output, result, probe = _probe(tmp_path, "import", 2)
-    assert probe == "imported\n", result.stdout[-3000:]
+    assert probe == "fired\nimported\n", result.stdout[-3000:]
     _assert_stopped_after(output, result, 2)
 
     resumed = subprocess.run(
@@ -87,7 +87,7 @@ def test_signal_during_an_import_completes_it_then_stops_and_resumes(tmp_path):
 
 def test_signal_during_evaluation_lets_it_finish_then_stops(tmp_path):
     output, result, probe = _probe(tmp_path, "eval", 2, "TEST.EVAL_PERIOD", "3")
-    assert probe == "signalled during evaluation\n", result.stdout[-3000:]
+    assert probe == "signalled during evaluation\nfired\n", result.stdout[-3000:]
     _assert_stopped_after(output, result, 2)
     from test_train_net import _metrics
 
@@ -97,7 +97,7 @@ def test_signal_during_evaluation_lets_it_finish_then_stops(tmp_path):
 
 def test_repeated_signals_during_the_save_are_ignored(tmp_path):
     output, result, probe = _probe(tmp_path, "double", 2)
-    assert probe == "signalled during save\n", result.stdout[-3000:]
+    assert probe == "fired\nsignalled during save\n", result.stdout[-3000:]
     _assert_stopped_after(output, result, 2)
 
 

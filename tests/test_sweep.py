@@ -6,6 +6,7 @@ submitit's LocalExecutor.
 """
 
 import csv
+import glob
 import json
 import os
 import sys
@@ -15,24 +16,33 @@ import time
 import pytest
 from PIL import Image
 
-from masklab_d2.tools import sweep as sweep_tool
-from masklab_d2.tools.sweep import (
-    DONE,
-    FAILED,
-    INTERRUPTED,
-    PENDING,
-    RUNNING,
-    STATUS_FILE,
+from masklab_d2.tools.sweeps import cli as sweep_tool
+from masklab_d2.tools.sweeps import launch, state
+from masklab_d2.tools.sweeps.cli import plan
+from masklab_d2.tools.sweeps.fingerprint import run_fingerprint
+from masklab_d2.tools.sweeps.report import training_time_s, write_report
+from masklab_d2.tools.sweeps.spec import (
+    Run,
     SweepError,
+    SweepSpec,
     expand_runs,
     load_sweep,
-    plan,
-    run_state,
     safe_name,
     slurm_parameters,
     train_command,
 )
-from masklab_d2.tools.sweep_report import write_report
+from masklab_d2.tools.sweeps.state import (
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    STALE,
+    STATUS_FILE,
+    read_metrics,
+    run_state,
+)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY_SWEEP = os.path.join(REPO, "tests", "data", "tiny_sweep.yaml")
@@ -165,19 +175,27 @@ def test_invalid_sweeps_are_rejected(tmp_path, text, message):
 
 
 def test_slurm_parameters():
-    spec = sweep_tool.SweepSpec(
+    spec = SweepSpec(
         path="s.yaml", name="s", base_config="c", output_root="/o", axes={}, cells=[], seeds=[0], opts=[],
         num_gpus=8, parallel=4,
-        slurm={"partition": "gpu", "time": "1-02:30:00", "cpus": 10, "mem": "64G", "exclusive": True},
+        slurm={"partition": "gpu", "time": "1-02:30:00", "cpus": 10, "mem": "64G", "exclusive": True,
+               "array_parallelism": 16},
     )  # fmt: skip
     params = slurm_parameters(spec)
     assert params["slurm_partition"] == "gpu" and params["gpus_per_node"] == 8
+    assert params["tasks_per_node"] == 8  # one task per GPU
     assert (
         params["timeout_min"] == 26 * 60 + 30
         and params["mem_gb"] == 64
         and params["cpus_per_task"] == 10
     )
-    assert params["slurm_array_parallelism"] == 4 and params["slurm_exclusive"] is True
+    # The array's throttle is its own setting, not the local `parallel`.
+    assert params["slurm_array_parallelism"] == 16 and params["slurm_exclusive"] is True
+    del spec.slurm["array_parallelism"]
+    assert "slurm_array_parallelism" not in slurm_parameters(spec)  # submitit's default
+    spec.slurm = {"gpus": 4}
+    with pytest.raises(SweepError, match="must equal num_gpus"):
+        slurm_parameters(spec)
     spec.slurm = {"bogus": 1}
     with pytest.raises(SweepError, match="bogus"):
         slurm_parameters(spec)
@@ -186,9 +204,12 @@ def test_slurm_parameters():
 # ----------------------------------------------------------------- run states with fake folders
 
 
-def fake_finished(output_dir, max_iter=4, final=True, aps=(10.0, 20.0), seen=None):
-    """A run folder as train_net.py leaves it (final evaluation at MAX_ITER when final)."""
+def fake_finished(output_dir, max_iter=4, final=True, aps=(10.0, 20.0), seen=None, run=None):
+    """A run folder as train_net.py leaves it (final evaluation at MAX_ITER when final); with
+    ``run``, its status file records the run's fingerprint, as the sweep does."""
     os.makedirs(output_dir, exist_ok=True)
+    if run is not None:
+        write_status(output_dir, state=DONE, fingerprint=run_fingerprint(run))
     with open(os.path.join(output_dir, "config.yaml"), "w") as f:
         f.write(f"SOLVER:\n  MAX_ITER: {max_iter}\nDATASETS:\n  TEST: [shapes_tiny_val]\n")
     records = [
@@ -248,10 +269,12 @@ def test_plan_skips_done_resumes_interrupted_and_retries_failed(tmp_path, capsys
     """
     spec = load_sweep(write_sweep(tmp_path, text))
     runs = expand_runs(spec)
-    fake_finished(runs[0].output_dir)
-    os.makedirs(runs[1].output_dir)
+    fake_finished(runs[0].output_dir, run=runs[0])
+    write_status(runs[1].output_dir, state=INTERRUPTED, fingerprint=run_fingerprint(runs[1]))
     open(os.path.join(runs[1].output_dir, "last_checkpoint"), "w").write("model_0000001.pth")
-    write_status(runs[2].output_dir, state=FAILED, returncode=1)
+    write_status(
+        runs[2].output_dir, state=FAILED, returncode=1, fingerprint=run_fingerprint(runs[2])
+    )
     launch, states = plan(runs, retry_failed=True)
     assert [states[r.name] for r in runs] == [DONE, INTERRUPTED, FAILED, PENDING]
     assert launch == runs[1:]
@@ -267,34 +290,50 @@ def test_plan_skips_done_resumes_interrupted_and_retries_failed(tmp_path, capsys
 # --------------------------------------------------------------- launching with a fake trainer
 
 FAKE_TRAIN = r"""
-import json, os, sys
-args = sys.argv[1:]
-opts = args[args.index("OUTPUT_DIR"):]
-kv = dict(zip(opts[::2], opts[1::2]))
-out = kv["OUTPUT_DIR"]
-os.makedirs(out, exist_ok=True)
-with open(os.path.join(out, "calls.txt"), "a") as f:
-    f.write(json.dumps({"argv": args, "omp": os.environ.get("OMP_NUM_THREADS")}) + "\n")
-for i in range(80):
-    print("log line", i)
-if kv.get("FAKE.FAIL") == "1":
-    print("RuntimeError: this run fails on purpose")
-    sys.exit(3)
-lr = float(kv.get("SOLVER.BASE_LR", 0.1))
-seed = int(kv["SEED"])
-with open(os.path.join(out, "config.yaml"), "w") as f:
-    f.write("SOLVER:\n  MAX_ITER: 4\nDATASETS:\n  TEST: [shapes_tiny_val]\n")
-with open(os.path.join(out, "metrics.json"), "w") as f:
-    for it, ap in ((1, lr * 50), (4, lr * 100 + seed)):
-        f.write(json.dumps({"iteration": it, "segm/AP": ap, "bbox/AP": ap + 1,
-                            "segm/seen/AP": ap + 2, "segm/unseen/AP": ap - 2}) + "\n")
-with open(os.path.join(out, "log.txt"), "w") as f:
-    f.write("[d2.engine.hooks]: Total training time: 0:01:05 (0:00:01 on hooks)\n")
-open(os.path.join(out, "model_final.pth"), "w").close()
+import argparse, json, os, sys
+
+
+def build_argument_parser():
+    parser = argparse.ArgumentParser()
+    for flag in ("--config-file", "--num-gpus", "--dist-url"):
+        parser.add_argument(flag)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(args):
+    kv = dict(zip(args.opts[::2], args.opts[1::2]))
+    out = kv["OUTPUT_DIR"]
+    os.makedirs(out, exist_ok=True)
+    argv = sys.argv[1:] if __name__ == "__main__" else ["--resume"] * args.resume + args.opts
+    with open(os.path.join(out, "calls.txt"), "a") as f:
+        f.write(json.dumps({"argv": argv, "omp": os.environ.get("OMP_NUM_THREADS"),
+                            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
+    for i in range(80):
+        print("log line", i)
+    if kv.get("FAKE.FAIL") == "1":
+        print("RuntimeError: this run fails on purpose")
+        sys.exit(3)
+    lr = float(kv.get("SOLVER.BASE_LR", 0.1))
+    seed = int(kv["SEED"])
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write("SOLVER:\n  MAX_ITER: 4\nDATASETS:\n  TEST: [shapes_tiny_val]\n")
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        for it, ap in ((1, lr * 50), (4, lr * 100 + seed)):
+            f.write(json.dumps({"iteration": it, "segm/AP": ap, "bbox/AP": ap + 1,
+                                "segm/seen/AP": ap + 2, "segm/unseen/AP": ap - 2}) + "\n")
+    with open(os.path.join(out, "log.txt"), "w") as f:
+        f.write("[d2.engine.hooks]: Total training time: 0:01:05 (0:00:01 on hooks)\n")
+    open(os.path.join(out, "model_final.pth"), "w").close()
+
+
+if __name__ == "__main__":
+    main(build_argument_parser().parse_args())
 """
 
 
-def fake_sweep(tmp_path, launcher="local", parallel=2):
+def fake_sweep(tmp_path, launcher="local", parallel=2, extra=""):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
     text = f"""
@@ -307,7 +346,7 @@ def fake_sweep(tmp_path, launcher="local", parallel=2):
         launcher: {launcher}
         parallel: {parallel}
     """
-    return write_sweep(tmp_path, text)
+    return write_sweep(tmp_path, text.rstrip() + "\n" + textwrap.indent(extra, " " * 8) + "\n")
 
 
 def calls(output_dir):
@@ -326,8 +365,8 @@ def test_local_sweep_records_failures_resumes_and_retries(tmp_path, capsys):
         runs["SOLVER.BASE_LR=0.2__seed=1"],
         runs["bad__seed=0"],
     )
-    fake_finished(good.output_dir)  # finished before: skipped
-    os.makedirs(interrupted.output_dir)
+    fake_finished(good.output_dir, run=good)  # finished before: skipped
+    write_status(interrupted.output_dir, state=RUNNING, fingerprint=run_fingerprint(interrupted))
     open(os.path.join(interrupted.output_dir, "last_checkpoint"), "w").write("model_0000001.pth")
 
     assert sweep_tool.main([path, "--no-report"]) == 1  # some runs failed
@@ -336,7 +375,7 @@ def test_local_sweep_records_failures_resumes_and_retries(tmp_path, capsys):
     assert "--resume" in calls(interrupted.output_dir)[0]["argv"]
     assert "--resume" not in calls(runs["SOLVER.BASE_LR=0.2__seed=0"].output_dir)[0]["argv"]
     # parallel 2 on this machine's cores
-    assert calls(interrupted.output_dir)[0]["omp"] == str(max(1, sweep_tool.available_cores() // 2))
+    assert calls(interrupted.output_dir)[0]["omp"] == str(max(1, launch.available_cores() // 2))
     status = json.load(open(os.path.join(bad.output_dir, STATUS_FILE)))
     assert status["state"] == FAILED and status["returncode"] == 3
     assert (
@@ -350,7 +389,7 @@ def test_local_sweep_records_failures_resumes_and_retries(tmp_path, capsys):
     assert "done 4, running 0, failed 2, pending 0 of 6" in out
     assert "bad__seed=1: failed (return code 3)" in out
     summary = json.load(open(os.path.join(spec.output_root, "sweep_status.json")))
-    assert summary["counts"] == {"done": 4, "running": 0, "failed": 2, "pending": 0}
+    assert summary["counts"] == {"done": 4, "running": 0, "failed": 2, "stale": 0, "pending": 0}
 
     # Rerun: finished runs stay untouched, failures are retried (and fail again) ...
     assert sweep_tool.main([path, "--no-report"]) == 1
@@ -366,11 +405,15 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     path = fake_sweep(tmp_path)
     spec = load_sweep(path)
     runs = {run.name: run for run in expand_runs(spec)}
-    fake_finished(runs["SOLVER.BASE_LR=0.1__seed=0"].output_dir, aps=(5.0, 30.0), seen=(40.0, 10.0))
-    fake_finished(runs["SOLVER.BASE_LR=0.1__seed=1"].output_dir, aps=(7.0, 34.0), seen=(44.0, 12.0))
-    fake_finished(runs["SOLVER.BASE_LR=0.2__seed=0"].output_dir, aps=(1.0, 20.0))
-    fake_finished(runs["SOLVER.BASE_LR=0.2__seed=1"].output_dir, final=False)  # interrupted
-    write_status(runs["bad__seed=0"].output_dir, state=FAILED, returncode=1)
+    for name, kwargs in [
+        ("SOLVER.BASE_LR=0.1__seed=0", dict(aps=(5.0, 30.0), seen=(40.0, 10.0))),
+        ("SOLVER.BASE_LR=0.1__seed=1", dict(aps=(7.0, 34.0), seen=(44.0, 12.0))),
+        ("SOLVER.BASE_LR=0.2__seed=0", dict(aps=(1.0, 20.0))),
+        ("SOLVER.BASE_LR=0.2__seed=1", dict(final=False)),  # interrupted
+    ]:
+        fake_finished(runs[name].output_dir, run=runs[name], **kwargs)
+    bad = runs["bad__seed=0"]
+    write_status(bad.output_dir, state=FAILED, returncode=1, fingerprint=run_fingerprint(bad))
 
     paths = write_report(spec, list(runs.values()))
     rows = list(csv.DictReader(open(paths["csv"])))
@@ -504,12 +547,13 @@ def test_tiny_sweep_end_to_end_submitit_local(tmp_path, shapes_env, capsys):
 def test_queued_slurm_jobs_are_not_submitted_twice(tmp_path, monkeypatch):
     queued, gone, started = (str(tmp_path / n) for n in ("queued", "gone", "started"))
     for folder, job in ((queued, "77_1"), (gone, "77_2")):
-        sweep_tool.mark_queued(folder, job)
+        state.mark_queued(folder, job)
     submitted = time.time()
     write_status(started, state=RUNNING, started=submitted + 1, heartbeat=submitted + 1, attempt=1)
-    sweep_tool.mark_queued(started, "77_3", submitted)  # the job already runs: its status stays
-    monkeypatch.setattr(sweep_tool, "slurm_queue", lambda: {"77_1", "77_3"})
-    assert run_state(queued) == sweep_tool.QUEUED
+    state.mark_queued(started, "77_3", submitted)  # the job already runs: its status stays
+    slurm = {"77_1": "PENDING", "77_2": "CANCELLED", "77_3": "RUNNING"}
+    monkeypatch.setattr(state, "slurm_job_state", lambda job_id, folder: slurm[job_id])
+    assert run_state(queued) == QUEUED
     assert run_state(gone) == PENDING  # left the queue without starting: launch it again
     assert run_state(started) == RUNNING
     assert json.load(open(os.path.join(started, STATUS_FILE)))["attempt"] == 1
@@ -520,8 +564,8 @@ def test_a_job_dying_outside_the_run_is_recorded_as_failed(tmp_path):
         def result(self):
             raise RuntimeError("job 12 was killed: out of memory\nslurmstepd: error")
 
-    task = sweep_tool.RunTask("r", str(tmp_path / "r"), ["python"], ["OUTPUT_DIR", "x"])
-    sweep_tool.mark_queued(task.output_dir, "12")
+    task = launch.RunTask("r", str(tmp_path / "r"), "python", "t.py", [], ["OUTPUT_DIR", "x"])
+    state.mark_queued(task.output_dir, "12")
     sweep_tool._collect(task, DeadJob())
     status = json.load(open(os.path.join(task.output_dir, STATUS_FILE)))
     assert status["state"] == FAILED and "out of memory" in status["error"]
@@ -552,8 +596,13 @@ def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, cap
             return self.executor.submit(*args, **kwargs)
 
     monkeypatch.setattr(submitit, "AutoExecutor", LocalAutoExecutor)
-    monkeypatch.setattr(sweep_tool, "slurm_queue", lambda: set())
-    path = fake_sweep(tmp_path, launcher="slurm", parallel=3)
+    monkeypatch.setattr(state, "slurm_job_state", lambda job_id, folder: "COMPLETED")
+    path = fake_sweep(
+        tmp_path,
+        launcher="slurm",
+        parallel=3,
+        extra="slurm: {array_parallelism: 3, snapshot: false}",
+    )
     assert sweep_tool.main([path, "--no-report", "--filter", "LR=0.1"]) == 0
     out = capsys.readouterr().out
     assert out.count("as job") == 2 and "done 2, running 0, failed 0, pending 0 of 2" in out
@@ -562,3 +611,167 @@ def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, cap
     for run in expand_runs(spec)[:2]:
         status = json.load(open(os.path.join(run.output_dir, STATUS_FILE)))
         assert status["state"] == DONE and status["job_id"] and status["pid"] != os.getpid()
+        assert status["fingerprint"] == run_fingerprint(run)
+        # Trained in the job's own process (the fake script's main), not in a child of it.
+        assert calls(run.output_dir)[0]["argv"][0] == "OUTPUT_DIR"
+
+
+# ------------------------------------------------------------- sweeps that never lie
+
+
+def test_a_changed_option_makes_finished_runs_stale_until_rerun(tmp_path, capsys):
+    path = fake_sweep(tmp_path, parallel=1)
+    only = ["--filter", r"LR=0\.1__seed=0", "--no-report"]
+    assert sweep_tool.main([path] + only) == 0
+    run = next(r for r in expand_runs(load_sweep(path)) if r.name == "SOLVER.BASE_LR=0.1__seed=0")
+    assert run_state(run.output_dir, fingerprint=run_fingerprint(run)) == DONE
+    # The same sweep with another common option (e.g. a longer schedule): the old result is
+    # not the new cell's, whatever its folder name.
+    path = fake_sweep(tmp_path, parallel=1, extra="opts: {SOLVER.MAX_ITER: 4500}")
+    capsys.readouterr()
+    assert sweep_tool.main([path] + only) == 0
+    out = capsys.readouterr().out
+    assert f"{run.name}: stale (config changed" in out and "launching 0" in out
+    assert len(calls(run.output_dir)) == 1
+    # Rerun on request, from scratch; the old folder is kept aside.
+    assert sweep_tool.main([path, "--rerun-stale"] + only) == 0
+    assert len(calls(run.output_dir)) == 1 and "--resume" not in calls(run.output_dir)[0]["argv"]
+    (aside,) = [p for p in os.listdir(tmp_path / "out") if ".stale-" in p]
+    assert aside.startswith(run.name) and len(calls(tmp_path / "out" / aside)) == 1
+    assert run_state(run.output_dir, fingerprint=run_fingerprint(load_run(path, run.name))) == DONE
+
+
+def load_run(path, name):
+    return next(r for r in expand_runs(load_sweep(path)) if r.name == name)
+
+
+def test_a_changed_commit_makes_runs_stale(tmp_path, monkeypatch):
+    path = fake_sweep(tmp_path)
+    run = load_run(path, "SOLVER.BASE_LR=0.1__seed=0")
+    fake_finished(run.output_dir, run=run)
+    fingerprint = run_fingerprint(run)
+    assert run_state(run.output_dir, fingerprint=fingerprint) == DONE
+    moved = dict(fingerprint, commit="0" * 40)
+    assert run_state(run.output_dir, fingerprint=moved) == STALE
+    assert "code changed" in state.stale_reason(run.output_dir, moved)
+    fake_finished(load_run(path, "SOLVER.BASE_LR=0.2__seed=0").output_dir)  # no fingerprint
+    other = load_run(path, "SOLVER.BASE_LR=0.2__seed=0")
+    assert run_state(other.output_dir, fingerprint=run_fingerprint(other)) == STALE
+
+
+def test_runs_evaluated_on_several_test_sets_finish_and_report_the_first(tmp_path):
+    path = fake_sweep(tmp_path)
+    run = load_run(path, "SOLVER.BASE_LR=0.1__seed=0")
+    os.makedirs(run.output_dir)
+    with open(os.path.join(run.output_dir, "config.yaml"), "w") as f:
+        f.write("SOLVER:\n  MAX_ITER: 4\nDATASETS:\n  TEST: [b_val, a_val]\n")
+    with open(os.path.join(run.output_dir, "metrics.json"), "w") as f:
+        for it in (1, 4):
+            record = {"iteration": it, "a_val/segm/AP": 10.0 * it, "b_val/segm/AP": 1.0 * it}
+            record.update({"a_val/bbox/AP": 11.0 * it, "b_val/bbox/AP": 2.0 * it})
+            f.write(json.dumps(record) + "\n")
+    open(os.path.join(run.output_dir, "model_final.pth"), "w").close()
+    write_status(run.output_dir, state=DONE, fingerprint=run_fingerprint(run))
+    assert run_state(run.output_dir) == DONE
+    paths = write_report(load_sweep(path), [run])
+    (row,) = csv.DictReader(open(paths["csv"]))
+    assert row["state"] == DONE and float(row["segm/AP"]) == 4.0 and float(row["bbox/AP"]) == 8.0
+
+
+def test_a_resumed_run_counts_each_iteration_once_and_all_its_training_time(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = [{"iteration": 0, "total_loss": 2.0}, {"iteration": 10, "total_loss": 1.0}]
+    first += [{"iteration": 19, "total_loss": 0.9}, {"iteration": 19, "segm/AP": 5.0}]
+    first += [{"iteration": 29, "segm/AP": 6.0}, {"iteration": 39, "total_loss": 0.5}]
+    # Stopped after iteration 39, last saved at 19 (say): the resumed segment logs 20.. again.
+    second = [
+        {"iteration": 29, "total_loss": 0.7, "segm/AP": 6.5},
+        {"iteration": 40, "segm/AP": 8.0},
+    ]
+    with open(run_dir / "metrics.json", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in first + second))
+    records = read_metrics(str(run_dir))
+    assert [r["iteration"] for r in records] == [0, 10, 19, 29, 40]
+    assert records[2] == {"iteration": 19, "total_loss": 0.9, "segm/AP": 5.0}  # one iteration
+    assert records[3] == {"iteration": 29, "total_loss": 0.7, "segm/AP": 6.5}  # the resumed one
+    assert records[1] == {"iteration": 10, "total_loss": 1.0}
+    (run_dir / "log.txt").write_text(
+        "[hooks]: Total training time: 0:01:05 (0:00:01 on hooks)\n"
+        "[hooks]: Total training time: 1 day, 0:00:10 (0:00:01 on hooks)\n"
+    )
+    assert training_time_s(str(run_dir)) == 65 + 86400 + 10
+
+
+def test_multi_gpu_runs_get_a_free_port_each(tmp_path):
+    path = write_sweep(tmp_path, f"base_config: {MASK_RCNN}\nnum_gpus: 2\n")
+    spec = load_sweep(path)
+    command = train_command(spec, expand_runs(spec)[0])
+    assert command[command.index("--num-gpus") + 1] == "2"
+    assert command[command.index("--dist-url") + 1] == "auto"
+
+
+def test_local_runs_never_share_a_gpu(monkeypatch, caplog):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    launcher = launch.LocalLauncher(parallel=2, num_gpus=1)
+    slots = [launcher.slots.get() for _ in range(launcher.parallel)]
+    launcher.close()
+    assert launcher.parallel == 1 and slots == [{"CUDA_VISIBLE_DEVICES": "0"}]
+    assert "running 1 at a time" in caplog.text
+    assert launch.gpu_slots(2, 2, ["0", "1", "2", "3", "4"]) == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"},
+        {"CUDA_VISIBLE_DEVICES": "2,3"},
+    ]
+    with pytest.raises(SweepError, match="need 2 GPUs each"):
+        launch.gpu_slots(1, 2, ["0"])
+    assert launch.gpu_slots(2, 0, ["0"])[0]["CUDA_VISIBLE_DEVICES"] == ""  # CPU runs
+
+
+def test_a_failing_slurm_query_leaves_queued_runs_alone(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    queued = str(tmp_path / "queued")
+    state.mark_queued(queued, "4242_3", folder=str(tmp_path / "submitit"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))  # sacct / squeue fail
+    assert run_state(queued) == QUEUED
+    launch_now, _ = plan([expand_runs_at(tmp_path, queued)], retry_failed=True)
+    assert launch_now == []
+    assert run_state(queued, check_queue=False) == PENDING  # --forget-queued
+
+
+def expand_runs_at(tmp_path, output_dir):
+    spec = load_sweep(write_sweep(tmp_path, f"base_config: {MASK_RCNN}\n", name="q.yaml"))
+    return Run(expand_runs(spec)[0].cell, 0, output_dir)
+
+
+@pytest.mark.detectron2
+@pytest.mark.slow
+def test_submitit_job_requeued_after_a_timeout_signal_resumes_from_its_checkpoint(
+    tmp_path, shapes_env
+):
+    """A cell through submitit's LocalExecutor, training in the job's process; at iteration 1 it
+    gets submitit's timeout signal (USR2, sent by the run itself so that the test does not
+    depend on timing): it saves, submitit requeues the job, the new job resumes."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+    pytest.importorskip("submitit")
+    root = tmp_path / "requeue"
+    text = open(TINY_SWEEP).read().split("axes:")[0]  # name and base config
+    text += textwrap.dedent(f"""
+        output_root: {root}
+        train_script: {os.path.join(REPO, "tests", "stop_probe.py")}
+        env: {{MASKLAB_STOP_PROBE: "usr2@1"}}
+        launcher: submitit-local
+        parallel: 1
+        opts:
+        """)
+    opts = open(TINY_SWEEP).read().split("opts:\n")[1].split("launcher:")[0]
+    text += opts.replace("SOLVER.MAX_ITER: 4", "SOLVER.MAX_ITER: 5")
+    path = write_sweep(tmp_path, text, name="requeue.yaml")
+    assert sweep_tool.main([path, "--no-report"]) == 0
+    (run,) = expand_runs(load_sweep(path))
+    status = json.load(open(os.path.join(run.output_dir, STATUS_FILE)))
+    assert status["state"] == DONE and status["attempt"] == 2 and status["resumed"], status
+    log = open(os.path.join(run.output_dir, "log.txt")).read()
+    assert "SIGUSR2 received: stopping after iteration 1" in log
+    assert "Starting training from iteration 2" in log
+    job_logs = "".join(open(p).read() for p in glob.glob(str(root / "submitit" / "*" / "*_log.*")))
+    assert "Requeued job" in job_logs

@@ -128,12 +128,23 @@ class PartialCOCOEvaluator(COCOEvaluator):
             for metric, value in metrics.items():
                 self._results["segm"][f"{name}/{metric}"] = value
             rows.append([name, len(category_ids)] + [metrics[m] for m in ("AP", "AP50", "AP75")])
-        self._logger.info(
-            "Mask AP by class group:\n"
-            + tabulate(
-                rows,
-                headers=["group", "#classes", "mask AP", "AP50", "AP75"],
-                tablefmt="pipe",
-                floatfmt=".2f",
-            )
-        )
+        self._logger.info("Mask AP by class group:\n" + group_table(rows))
+
+
+def group_table(rows: Sequence[Sequence]) -> str:
+    """The group AP table; rows are [group, #classes, AP, AP50, AP75], a metric may be "-".
+
+    Numbers are formatted here: tabulate's floatfmt skips a column that also holds text, and
+    would print 15.011713670497247 next to a "-" row.
+    """
+    formatted = [
+        [name, str(count)] + [m if isinstance(m, str) else f"{m:.2f}" for m in metrics]
+        for name, count, *metrics in rows
+    ]
+    return tabulate(
+        formatted,
+        headers=["group", "#classes", "mask AP", "AP50", "AP75"],
+        tablefmt="pipe",
+        colalign=("left", "right", "right", "right", "right"),
+        disable_numparse=True,
+    )

@@ -1,0 +1,88 @@
+"""A run's fingerprint: the hash of its merged config and the commit of the code that runs it.
+
+The sweep records the fingerprint in each run's status file when it launches the run and
+compares it with the current one on every rerun, so that a changed option, config file or code
+never passes an old result off as the new one's.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import subprocess
+from typing import Dict, List, Sequence
+
+import yaml
+
+from masklab_d2.tools.sweeps.spec import REPO_ROOT, Run
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def config_hash(config_file: str, overrides: Sequence[str]) -> str:
+    """The hash of the config a run trains with: detectron2's defaults, masklab_d2's keys, the
+    file (with its _BASE_ files) and the overrides, merged as train_net.py merges them.
+
+    Where they cannot be merged here (no detectron2, a key it does not know, which the run will
+    fail on), the hash covers the files' texts and the overrides instead.
+    """
+    # The device says where a run trains, not what; a CPU sweep host and a GPU node must agree.
+    overrides = list(overrides) + ["MODEL.DEVICE", "cpu"]
+    try:
+        from masklab_d2.config import load_config
+
+        text = load_config(config_file, overrides).dump()
+    except Exception:  # noqa: BLE001  (any failure to merge: hash what the run would read)
+        text = json.dumps([_config_texts(config_file), overrides])
+    return _sha1(text)[:12]
+
+
+def _config_texts(config_file: str, depth: int = 0) -> List[str]:
+    """The text of a YAML config and of the _BASE_ files it inherits from."""
+    try:
+        with open(config_file) as f:
+            text = f.read()
+        base = (yaml.safe_load(text) or {}).get("_BASE_") if depth < 10 else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return [f"unreadable: {config_file}"]
+    texts = [text]
+    if isinstance(base, str):
+        if not base.startswith(("/", "~")) and "://" not in base:
+            base = os.path.join(os.path.dirname(config_file), base)
+        texts += _config_texts(os.path.expanduser(base), depth + 1)
+    return texts
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(root: str = str(REPO_ROOT)) -> str:
+    """The git commit of the code, with "+dirty.<hash of the diff>" when tracked files differ
+    from it; "unknown" outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty.{_sha1(diff)[:8]}" if diff else commit
+
+
+def run_fingerprint(run: Run) -> Dict[str, str]:
+    """{"config": hash of the merged config, "commit": code version} of a run.
+
+    The output folder is left out (a sweep moved with --output-root runs the same thing); the
+    seed is in.
+    """
+    overrides = ["OUTPUT_DIR", "", "SEED", str(run.seed)] + list(run.cell.overrides)
+    return {"config": config_hash(run.cell.config_file, overrides), "commit": code_version()}
+
+
+def fingerprints_of(runs: List[Run]) -> Dict[str, Dict[str, str]]:
+    """{run name: fingerprint} of each run."""
+    return {run.name: run_fingerprint(run) for run in runs}

@@ -1,0 +1,392 @@
+"""Tables and plots of a sweep's results (``python -m masklab_d2.tools.sweep FILE --report``).
+
+Writes into the sweep's output root:
+
+* ``results.csv``: one row per run (cell x seed): its state, axis values, the iteration and
+  training time (summed over the segments of a resumed run) of its final evaluation and the
+  metrics of that evaluation (the last record of its metrics.json with "segm/AP", else
+  "bbox/AP"; with several test sets, those of the first of DATASETS.TEST). Unfinished and stale
+  runs show their latest evaluation, if any, with their state.
+* ``results.md``: one row per cell, mean ± std (sample std) over its finished seeds of box AP,
+  mask AP, mask AP50 / AP75 and, when the evaluator reports them, seen / unseen mask AP. Cells
+  without a finished run show "—" and their runs' states.
+* ``ap_bars.png``: box and mask AP per cell, grouped bars with std error bars;
+  ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask AP (partially supervised sweeps);
+  ``mask_ap_vs_iteration.png``: mask AP of the periodic evaluations, mean over seeds per cell.
+"""
+
+import csv
+import datetime
+import math
+import os
+import re
+import statistics
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from masklab_d2.tools.sweeps.fingerprint import fingerprints_of  # noqa: E402
+from masklab_d2.tools.sweeps.spec import Run, SweepSpec, cell_name  # noqa: E402
+from masklab_d2.tools.sweeps.state import (  # noqa: E402
+    DONE,
+    STATUS_FILE,
+    evaluation_records,
+    read_json,
+    read_metrics,
+    run_config,
+    run_state,
+)
+
+# (metrics.json key, table header), in column order.
+CSV_METRICS = (
+    ("bbox/AP", "box AP"),
+    ("bbox/AP50", "box AP50"),
+    ("bbox/AP75", "box AP75"),
+    ("segm/AP", "mask AP"),
+    ("segm/AP50", "mask AP50"),
+    ("segm/AP75", "mask AP75"),
+    ("segm/APs", "mask APs"),
+    ("segm/APm", "mask APm"),
+    ("segm/APl", "mask APl"),
+    ("segm/seen/AP", "seen AP"),
+    ("segm/seen/AP50", "seen AP50"),
+    ("segm/unseen/AP", "unseen AP"),
+    ("segm/unseen/AP50", "unseen AP50"),
+    ("segm/voc/AP", "voc AP"),
+    ("segm/nonvoc/AP", "nonvoc AP"),
+)
+TABLE_METRICS = ("bbox/AP", "segm/AP", "segm/AP50", "segm/AP75", "segm/seen/AP", "segm/unseen/AP")
+_HEADERS = dict(CSV_METRICS)
+_MISSING = "—"
+_TRAINING_TIME = re.compile(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+):(\d+)")
+
+
+def primary_metrics(
+    records: Sequence[Dict[str, Any]], datasets: Sequence[str] = ()
+) -> List[Dict[str, Any]]:
+    """The records with one test set's metrics under plain keys ("segm/AP").
+
+    detectron2 prefixes the keys with the dataset ("coco_val/segm/AP") when DATASETS.TEST holds
+    several; the report shows the first of ``datasets`` (else the first prefix found).
+    """
+    prefixes = [k.split("/")[0] for r in records for k in r if re.match(r"[^/]+/(segm|bbox)/", k)]
+    if not prefixes or any(k.startswith(("segm/", "bbox/")) for r in records for k in r):
+        return list(records)
+    primary = next((d for d in datasets if d in prefixes), prefixes[0])
+    start = len(primary) + 1
+    return [
+        {(k[start:] if k.startswith(primary + "/") else k): v for k, v in r.items()}
+        for r in records
+    ]
+
+
+def final_evaluation(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The last record with mask AP ("segm/AP"), else with box AP; None without evaluations."""
+    for key in ("segm/AP", "bbox/AP"):
+        matching = [r for r in records if key in r]
+        if matching:
+            return matching[-1]
+    return None
+
+
+def training_time_s(output_dir: str) -> Optional[float]:
+    """detectron2's "Total training time" from the run's log.txt, summed over the segments of a
+    resumed run (each logs its own; log.txt is appended to)."""
+    try:
+        with open(os.path.join(output_dir, "log.txt"), errors="replace") as f:
+            matches = _TRAINING_TIME.findall(f.read())
+    except OSError:
+        return None
+    if not matches:
+        return None
+    total = 0
+    for match in matches:
+        days, hours, minutes, seconds = (int(x or 0) for x in match)
+        total += ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return total
+
+
+def collect(
+    runs: Sequence[Run], fingerprints: Optional[Dict[str, Dict[str, str]]] = None
+) -> List[Dict[str, Any]]:
+    """Per run: name, cell, seed, state, axis values, iteration, times, final metrics, curve.
+
+    Args:
+        runs: the runs.
+        fingerprints: {run name: fingerprint}; runs of another config or code are "stale" and
+            stay out of the means.
+    """
+    fingerprints = fingerprints or {}
+    rows = []
+    for run in runs:
+        datasets = (run_config(run.output_dir).get("DATASETS") or {}).get("TEST") or ()
+        records = primary_metrics(read_metrics(run.output_dir), datasets)
+        final = final_evaluation(records) or {}
+        status = read_json(os.path.join(run.output_dir, STATUS_FILE)) or {}
+        curve = [
+            (int(r["iteration"]), float(r["segm/AP"]))
+            for r in evaluation_records(records)
+            if "segm/AP" in r and "iteration" in r and _finite(r["segm/AP"])
+        ]
+        rows.append(
+            {
+                "run": run.name,
+                "cell": run.cell.name,
+                "seed": run.seed,
+                "state": run_state(run.output_dir, None, fingerprints.get(run.name), False),
+                "values": dict(run.cell.values),
+                "iteration": final.get("iteration"),
+                "train_time_s": training_time_s(run.output_dir),
+                "wall_time_s": status.get("total_duration_s"),
+                "metrics": {k: v for k, v in final.items() if "/" in k and _finite(v)},
+                "curve": curve,
+            }
+        )
+    return rows
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _columns(runs: Sequence[Run]) -> List[str]:
+    """Every axis / key column of the cells, in first-seen order."""
+    columns: List[str] = []
+    for run in runs:
+        for column, _ in run.cell.values:
+            if column not in columns:
+                columns.append(column)
+    return columns
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    if len(values) > 1:
+        return statistics.mean(values), statistics.stdev(values)
+    return values[0], 0.0
+
+
+def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per cell (in sweep order): its values, seeds, states and {metric: (mean, std, n)} over
+    the finished runs."""
+    cells: Dict[str, Dict[str, Any]] = {}
+    for row in rows:
+        cell = cells.setdefault(
+            row["cell"], {"cell": row["cell"], "values": row["values"], "rows": [], "states": {}}
+        )
+        cell["rows"].append(row)
+        cell["states"][row["state"]] = cell["states"].get(row["state"], 0) + 1
+    for cell in cells.values():
+        finished = [r for r in cell["rows"] if r["state"] == DONE]
+        cell["done"], cell["seeds"] = len(finished), len(cell["rows"])
+        cell["stats"] = {}
+        for key, _ in CSV_METRICS:
+            values = [r["metrics"][key] for r in finished if key in r["metrics"]]
+            if values:
+                mean, std = _mean_std(values)
+                cell["stats"][key] = (mean, std, len(values))
+    return list(cells.values())
+
+
+def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> None:
+    metric_keys = [k for k, _ in CSV_METRICS if any(k in r["metrics"] for r in rows)]
+    header = ["run", "cell", "seed", "state", *columns, "iteration", "train_time_s", "wall_time_s"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header + metric_keys)
+        for row in rows:
+            writer.writerow(
+                [row["run"], row["cell"], row["seed"], row["state"]]
+                + [row["values"].get(c, "") for c in columns]
+                + [
+                    _blank(row["iteration"]),
+                    _blank(row["train_time_s"]),
+                    _blank(row["wall_time_s"], 1),
+                ]
+                + [_blank(row["metrics"].get(k), 3) for k in metric_keys]
+            )
+
+
+def _blank(value: Any, digits: Optional[int] = None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if digits is not None else str(value)
+
+
+def _runs_cell(cell: Dict[str, Any]) -> str:
+    text = f"{cell['done']}/{cell['seeds']}"
+    others = {s: n for s, n in cell["states"].items() if s != DONE}
+    if others:
+        text += " (" + ", ".join(f"{n} {s}" for s, n in sorted(others.items())) + ")"
+    return text
+
+
+def write_markdown(
+    path: str, spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Sequence[str]
+) -> None:
+    present = [k for k in TABLE_METRICS if any(k in c["stats"] for c in cells)]
+    if not present:  # nothing finished yet: still show the headline columns
+        present = [
+            k
+            for k in TABLE_METRICS
+            if not k.startswith("segm/seen") and not k.startswith("segm/unseen")
+        ]
+    # Cells named in the sweep file (or without values) are told apart by their name only.
+    named = not columns or any(c["cell"] != cell_name(list(c["values"].items())) for c in cells)
+    table = []
+    for cell in cells:
+        line = ([cell["cell"]] if named else []) + [cell["values"].get(c, "") for c in columns]
+        line.append(_runs_cell(cell))
+        for key in present:
+            if key in cell["stats"]:
+                mean, std, n = cell["stats"][key]
+                line.append(f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}")
+            else:
+                line.append(_MISSING)
+        table.append(line)
+    headers = (
+        (["cell"] if named else []) + list(columns) + ["runs done"] + [_HEADERS[k] for k in present]
+    )
+    missing = [c["cell"] for c in cells if c["done"] == 0]
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    with open(path, "w") as f:
+        f.write(f"# Sweep {spec.name}\n\n")
+        f.write(
+            f"`{spec.path}`, {len(cells)} cells x {len(spec.seeds)} seeds; written {stamp}.\n\n"
+        )
+        f.write("COCO AP (%), mean ± std (sample) over the finished seeds of each cell.\n\n")
+        f.write(tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True))
+        f.write("\n")
+        if missing:
+            f.write(f"\nNo finished run yet ({_MISSING}): {', '.join(missing)}.\n")
+
+
+def _label(cell: Dict[str, Any]) -> str:
+    """A plot label: a named cell's name, else its values one per line."""
+    values = cell["values"]
+    if not values or cell["cell"] != cell_name(list(values.items())):
+        return cell["cell"]
+    return "\n".join(f"{k}={v}" for k, v in values.items())
+
+
+def plot_bars(path: str, cells: Sequence[Dict[str, Any]], keys: Sequence[str], title: str) -> bool:
+    """Grouped bars (one group per cell, one bar per metric) with std error bars."""
+    keys = [k for k in keys if any(k in c["stats"] for c in cells)]
+    if not keys or not cells:
+        return False
+    width = 0.8 / len(keys)
+    figure, axes = plt.subplots(
+        figsize=(max(6.0, 1.2 + 1.1 * len(cells) * max(1, len(keys) / 2)), 4.8)
+    )
+    positions = range(len(cells))
+    for index, key in enumerate(keys):
+        means = [c["stats"][key][0] if key in c["stats"] else math.nan for c in cells]
+        stds = [c["stats"][key][1] if key in c["stats"] else 0.0 for c in cells]
+        offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
+        axes.bar(offsets, means, width, yerr=stds, capsize=3, label=_HEADERS[key])
+    for position, cell in zip(positions, cells):
+        if cell["done"] == 0:
+            axes.text(
+                position,
+                0.03,
+                "missing",
+                transform=axes.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                rotation=90,
+                fontsize=8,
+                color="gray",
+            )
+    axes.set_xlim(-0.6, len(cells) - 0.4)
+    axes.set_xticks(list(positions))
+    axes.set_xticklabels([_label(c) for c in cells], fontsize=8, rotation=20, ha="right")
+    axes.set_ylim(bottom=0, top=max(1.0, axes.get_ylim()[1]))  # AP >= 0; keep zeros visible
+    axes.set_ylabel("AP (%)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def plot_curves(path: str, cells: Sequence[Dict[str, Any]]) -> bool:
+    """Mask AP vs iteration per cell: mean over the seeds that evaluated at each iteration,
+    a band of ± std where there are several."""
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    drawn = False
+    for cell in cells:
+        by_iteration: Dict[int, List[float]] = {}
+        for row in cell["rows"]:
+            for iteration, value in row["curve"]:
+                by_iteration.setdefault(iteration, []).append(value)
+        if not by_iteration:
+            continue
+        iterations = sorted(by_iteration)
+        stats = [_mean_std(by_iteration[i]) for i in iterations]
+        means = [m for m, _ in stats]
+        label = _label(cell).replace("\n", ", ")
+        if cell["done"] != cell["seeds"]:
+            label += f" [{_runs_cell(cell)} done]"
+        (line,) = axes.plot(iterations, means, marker="o", markersize=3, label=label)
+        if any(len(by_iteration[i]) > 1 for i in iterations):
+            low = [m - s for m, s in stats]
+            high = [m + s for m, s in stats]
+            axes.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2)
+        drawn = True
+    if not drawn:
+        plt.close(figure)
+        return False
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("mask AP (%)")
+    axes.set_title("mask AP during training (mean ± std over seeds)")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_report(
+    spec: SweepSpec, runs: Sequence[Run], output_dir: Optional[str] = None
+) -> Dict[str, str]:
+    """Writes the report files (module docstring) for ``runs`` of ``spec``.
+
+    Args:
+        spec: the sweep.
+        runs: its runs (all, or a filtered subset).
+        output_dir: where to write; the sweep's output root by default.
+
+    Returns:
+        {kind: path} of the files written.
+    """
+    output_dir = output_dir or spec.output_root
+    os.makedirs(output_dir, exist_ok=True)
+    rows = collect(runs, fingerprints_of(runs))
+    columns = _columns(runs)
+    cells = summarize(rows)
+    paths = {
+        "csv": os.path.join(output_dir, "results.csv"),
+        "markdown": os.path.join(output_dir, "results.md"),
+    }
+    write_csv(paths["csv"], rows, columns)
+    write_markdown(paths["markdown"], spec, cells, columns)
+    plots = {
+        "ap_bars": lambda p: plot_bars(
+            p, cells, ("bbox/AP", "segm/AP"), "box and mask AP per cell"
+        ),
+        "seen_unseen_mask_ap": lambda p: plot_bars(
+            p, cells, ("segm/seen/AP", "segm/unseen/AP"), "mask AP on seen vs unseen classes"
+        ),
+        "mask_ap_vs_iteration": lambda p: plot_curves(p, cells),
+    }
+    for name, draw in plots.items():
+        path = os.path.join(output_dir, f"{name}.png")
+        if draw(path):
+            paths[name] = path
+    return paths

@@ -1,0 +1,225 @@
+"""What a run folder says about its run: done, interrupted, failed, stale, queued or running.
+
+A run is **done** when its folder has ``model_final.pth`` and the final evaluation, and its
+status file (``sweep_run.json``) records the fingerprint of what it ran (the merged config's hash
+and the code commit, :mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the sweep would
+run now. A run whose recorded fingerprint differs, or that has none, is **stale**: it is reported
+and left alone unless ``--rerun-stale``.
+"""
+
+import json
+import os
+import re
+import threading
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+
+# Run states.
+DONE, RUNNING, FAILED, INTERRUPTED, PENDING = "done", "running", "failed", "interrupted", "pending"
+QUEUED = "queued"  # submitted to Slurm and not finished there (or Slurm cannot tell)
+STALE = "stale"  # ran another config or code than the sweep's now
+STATES = (DONE, RUNNING, QUEUED, FAILED, INTERRUPTED, STALE, PENDING)
+
+STATUS_FILE = "sweep_run.json"
+RUN_LOG_FILE = "sweep_run.log"
+SWEEP_STATUS_FILE = "sweep_status.json"
+LOG_TAIL_LINES = 50
+# A running run refreshes its status file this often; one silent for STALE_AFTER_S is dead.
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 4 * HEARTBEAT_S
+# An evaluation record: "segm/AP", or "<dataset>/segm/AP" when DATASETS.TEST has several.
+EVAL_KEY = re.compile(r"(^|/)(segm|bbox)/AP$")
+# Slurm job states in which the job still owns its run (submitit's names).
+_SLURM_ALIVE = ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "READY")
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+    """A JSON file's content, or None when missing or unreadable (e.g. half written)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: str, content: Dict[str, Any]) -> None:
+    """Readers (another sweep, a report) never see a half-written file."""
+    temporary = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    with open(temporary, "w") as f:
+        json.dump(content, f, indent=1, default=str)
+    os.replace(temporary, path)
+
+
+def read_status(output_dir: str) -> Dict[str, Any]:
+    return read_json(os.path.join(output_dir, STATUS_FILE)) or {}
+
+
+def read_metrics(output_dir: str) -> List[Dict[str, Any]]:
+    """A run's metrics.json (detectron2's JSONWriter: one JSON object a line), one record per
+    iteration.
+
+    A resumed run appends to the file and logs again the iterations after its checkpoint; those
+    replace the first segment's records from that iteration on. Records of one iteration (a
+    training line and an evaluation line) are merged.
+    """
+    by_iteration: Dict[Any, Dict[str, Any]] = {}
+    last = None
+    try:
+        with open(os.path.join(output_dir, "metrics.json")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                iteration = record.get("iteration")
+                if isinstance(iteration, int) and isinstance(last, int) and iteration < last:
+                    # A new segment: what the old one logged from here on was never kept.
+                    by_iteration = {k: v for k, v in by_iteration.items() if k < iteration}
+                by_iteration.setdefault(iteration, {}).update(record)
+                last = iteration if isinstance(iteration, int) else last
+    except OSError:
+        pass
+    return list(by_iteration.values())
+
+
+def evaluation_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records that hold an evaluation (a "[<dataset>/]segm/AP" or "bbox/AP" key)."""
+    return [r for r in records if any(EVAL_KEY.search(k) for k in r)]
+
+
+def run_config(output_dir: str) -> Dict[str, Any]:
+    """The config train_net.py wrote into the run folder (empty when absent)."""
+    try:
+        with open(os.path.join(output_dir, "config.yaml")) as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def is_finished(output_dir: str) -> bool:
+    """model_final.pth exists and so does the final evaluation (when the config evaluates).
+
+    detectron2 writes model_final.pth before the final evaluation, so a run killed while
+    evaluating has the weights but not the numbers; ``--resume`` then only evaluates.
+    """
+    if not os.path.exists(os.path.join(output_dir, "model_final.pth")):
+        return False
+    config = run_config(output_dir)
+    if config and not (config.get("DATASETS") or {}).get("TEST"):
+        return True  # nothing to evaluate on
+    evaluations = evaluation_records(read_metrics(output_dir))
+    if not evaluations:
+        return False
+    max_iter = (config.get("SOLVER") or {}).get("MAX_ITER")
+    # The final evaluation is logged at iteration MAX_ITER (periodic ones at k * period - 1).
+    return max_iter is None or evaluations[-1].get("iteration", -1) >= max_iter - 1
+
+
+def has_checkpoint(output_dir: str) -> bool:
+    """Something for ``--resume`` to load."""
+    return any(
+        os.path.exists(os.path.join(output_dir, f)) for f in ("last_checkpoint", "model_final.pth")
+    )
+
+
+def stale_reason(output_dir: str, fingerprint: Optional[Dict[str, str]]) -> Optional[str]:
+    """Why the run in ``output_dir`` does not belong to ``fingerprint``, or None when it does.
+
+    Args:
+        output_dir: a folder holding a run (finished, interrupted or failed).
+        fingerprint: {"config": hash, "commit": commit} of what the sweep would run now; None
+            skips the check.
+    """
+    if fingerprint is None:
+        return None
+    recorded = read_status(output_dir).get("fingerprint")
+    if not recorded:
+        return "no fingerprint recorded (run before fingerprints, or not by the sweep)"
+    if recorded.get("config") != fingerprint.get("config"):
+        return f"config changed ({recorded.get('config')} -> {fingerprint.get('config')})"
+    ran, now = recorded.get("commit"), fingerprint.get("commit")
+    if ran != now and "unknown" not in (ran, now):
+        return f"code changed ({ran} -> {now})"
+    return None
+
+
+def slurm_job_state(job_id: str, folder: Optional[str]) -> str:
+    """The Slurm state of a job as submitit reports it (sacct, cached and rate-limited by
+    submitit); "UNKNOWN" when Slurm cannot be asked or does not know it."""
+    try:
+        import submitit
+
+        return submitit.SlurmJob(folder=folder or ".", job_id=str(job_id)).state
+    except Exception:  # noqa: BLE001  (no submitit, no Slurm: nobody can tell)
+        return "UNKNOWN"
+
+
+def run_state(
+    output_dir: str,
+    now: Optional[float] = None,
+    fingerprint: Optional[Dict[str, str]] = None,
+    check_queue: bool = True,
+) -> str:
+    """One of :data:`STATES`, from the run folder (and Slurm for a queued run).
+
+    RUNNING: its status file has a fresh heartbeat; QUEUED: a Slurm job submitted for it is
+    queued or running, or Slurm cannot tell (a failing sacct must not make it look pending and
+    get it submitted twice). Both mean that someone else is on it. STALE: a run is there, but
+    not of ``fingerprint`` (see :func:`stale_reason`). ``check_queue=False`` forgets Slurm jobs
+    (``--forget-queued``: their jobs are known to be gone).
+    """
+    status = read_status(output_dir)
+    now = time.time() if now is None else now
+    if status.get("state") == RUNNING and now - float(status.get("heartbeat", 0)) < STALE_AFTER_S:
+        return RUNNING
+    finished = is_finished(output_dir)
+    if not finished and check_queue and status.get("state") == QUEUED and status.get("job_id"):
+        job_state = slurm_job_state(status["job_id"], status.get("submitit_folder"))
+        if job_state.split(" ")[0] in _SLURM_ALIVE or job_state == "UNKNOWN":
+            return QUEUED
+    if finished:
+        state = DONE
+    elif status.get("state") == FAILED:
+        state = FAILED
+    elif has_checkpoint(output_dir):
+        state = INTERRUPTED
+    else:
+        return PENDING
+    return STALE if stale_reason(output_dir, fingerprint) else state
+
+
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> List[str]:
+    """The last lines of a (possibly large) log file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+def mark_queued(
+    output_dir: str, job_id: str, submitted: Optional[float] = None, folder: Optional[str] = None
+) -> None:
+    """Records a submitted Slurm job in the run's status file, so that a rerun of the sweep
+    while it waits in the queue does not submit the run again.
+
+    Args:
+        output_dir: the run folder.
+        job_id: the Slurm job (array task) id.
+        submitted: when it was submitted (now by default); a run started since then owns the
+            status file and keeps it.
+        folder: submitit's folder of the job (to re-attach to it).
+    """
+    submitted = time.time() if submitted is None else submitted
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, STATUS_FILE)
+    status = read_json(path) or {}
+    if float(status.get("started", 0)) >= submitted:
+        return
+    status.update(state=QUEUED, job_id=job_id, submitted=submitted, submitit_folder=folder)
+    write_json_atomic(path, status)
