@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "common/crop_sampling_cpu.h"
+
 TORCH_LIBRARY(masklab, m) {
   m.def(
       "crop_and_resize(Tensor features, Tensor boxes, float spatial_scale, SymInt crop_height, "
@@ -36,4 +38,12 @@ bool compiled_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "masklab_d2 compiled ops; use them through masklab_d2.layers or torch.ops.masklab";
   m.def("compiled_with_cuda", &compiled_with_cuda, "Whether the CUDA kernels were built.");
+  m.def(
+      "_cpu_layout",
+      [](const at::Tensor& features, int64_t num_boxes, int64_t num_samples) {
+        return std::string(masklab::cpu::layout_name(
+            masklab::cpu::choose_layout(features, num_boxes, num_samples)));
+      },
+      "How the CPU kernels read these features for num_boxes crops of num_samples samples "
+      "(channels_last, nchw or copy_to_channels_last); for tests and benchmarks.");
 }

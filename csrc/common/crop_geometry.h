@@ -6,10 +6,20 @@
 //     else 0 (TensorFlow's corner-aligned convention);
 //   * S > 1 samples along an axis lie on the box edges, evenly spaced: Y1 + i (Y2 - Y1) / (S - 1);
 //     a single sample lies at the box centre; a flipped box (Y1 > Y2) gives a flipped crop;
-//   * a sample outside [0, H - 1] x [0, W - 1] reads 0 (no clamping, no partial blend); inside,
-//     bilinear interpolation between floor(y) and floor(y) + 1, where a corner beyond the last
-//     row/column contributes 0. This matches F.grid_sample(align_corners=True, zeros padding)
-//     masked to in-range samples, which is the Python reference the tests compare against.
+//   * inside [0, H - 1] x [0, W - 1]: bilinear interpolation between floor(y) and floor(y) + 1,
+//     where a corner beyond the last row/column contributes 0 (its weight is 0 there anyway);
+//   * outside, the two conventions differ:
+//       - aligned = false (TensorFlow): a sample outside [0, H - 1] x [0, W - 1] reads 0 (no
+//         clamping, no partial blend). This is F.grid_sample(align_corners=True, zeros padding)
+//         masked to in-range samples.
+//       - aligned = true (RoIAlign's border rule, as torchvision's roi_align and detectron2's
+//         ROIAlignV2): a sample within one pixel outside the map, y in [-1, 0) or (H - 1, H] (x
+//         likewise), reads the border value, i.e. its coordinate is clamped to [0, H - 1]; a
+//         sample farther out reads 0. Otherwise a box whose edge lies on the image border would
+//         lose its outer row/column: with half-pixel centres the image edge is at -0.5. Along a
+//         clamped axis the value does not depend on the position, so its position gradient is 0,
+//         and the feature gradient goes to the border pixel.
+//   * an empty map (H = 0 or W = 0) reads 0 everywhere.
 //   * deformable: the S x S sample lattice is split into G x G groups of (S/G) x (S/G) samples
 //     (the "sub-boxes"); group (gi, gj) is shifted by gamma * offsets[:, :, gi, gj] * (box_w,
 //     box_h). With zero offsets this is exactly the plain crop.
@@ -78,7 +88,8 @@ struct BoxGeometry {
 };
 
 // Bilinear read of one sample: four flat indices into an H x W plane and their weights. Corners
-// outside the plane get weight 0 and index 0, so the weighted sums need no branches.
+// outside the plane get weight 0, index 0 and present = false; callers never read or write an
+// absent corner, so a non-finite value elsewhere in the map cannot leak in through a zero weight.
 template <typename T>
 struct BilinearSample {
   int64_t index[4];  // (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)
@@ -86,10 +97,19 @@ struct BilinearSample {
   bool present[4];
   T ly, lx;  // fractional parts, for position gradients
   bool inside;
+  // The position was clamped to the border along y / x (aligned rule): no position gradient there.
+  bool clamped_y, clamped_x;
 
-  MASKLAB_HOST_DEVICE void setup(T y, T x, int64_t height, int64_t width) {
+  // clamp_border: RoIAlign's rule for samples within one pixel outside the map (see the top of
+  // this file); otherwise TensorFlow's (0 outside [0, H - 1] x [0, W - 1]).
+  MASKLAB_HOST_DEVICE void setup(T y, T x, int64_t height, int64_t width, bool clamp_border) {
+    const T last_y = static_cast<T>(height - 1);
+    const T last_x = static_cast<T>(width - 1);
+    const T margin = clamp_border ? static_cast<T>(1) : static_cast<T>(0);
     // The negated comparison also rejects NaN positions.
-    inside = !(y < 0 || y > static_cast<T>(height - 1) || x < 0 || x > static_cast<T>(width - 1));
+    inside = height > 0 && width > 0 &&
+        !(y < -margin || y > last_y + margin || x < -margin || x > last_x + margin);
+    clamped_y = clamped_x = false;
     if (!inside) {
       for (int q = 0; q < 4; ++q) {
         index[q] = 0;
@@ -99,15 +119,25 @@ struct BilinearSample {
       ly = lx = 0;
       return;
     }
+    if (y < 0 || y > last_y) {
+      clamped_y = true;
+      y = y < 0 ? static_cast<T>(0) : last_y;
+    }
+    if (x < 0 || x > last_x) {
+      clamped_x = true;
+      x = x < 0 ? static_cast<T>(0) : last_x;
+    }
     const int64_t y0 = static_cast<int64_t>(floor(y));
     const int64_t x0 = static_cast<int64_t>(floor(x));
     ly = y - static_cast<T>(y0);
     lx = x - static_cast<T>(x0);
     const T hy = static_cast<T>(1) - ly;
     const T hx = static_cast<T>(1) - lx;
+    // A clamped axis reads only its border row/column (the other corner has weight 0 and no
+    // position gradient to feed).
     present[0] = true;
-    present[1] = x0 + 1 < width;
-    present[2] = y0 + 1 < height;
+    present[1] = !clamped_x && x0 + 1 < width;
+    present[2] = !clamped_y && y0 + 1 < height;
     present[3] = present[1] && present[2];
     const int64_t base = y0 * width + x0;
     const int64_t corner_index[4] = {base, base + 1, base + width, base + width + 1};
@@ -134,8 +164,10 @@ struct BilinearSample {
     }
     const T hy = static_cast<T>(1) - ly;
     const T hx = static_cast<T>(1) - lx;
-    dvalue_dy = hx * (values[2] - values[0]) + lx * (values[3] - values[1]);
-    dvalue_dx = hy * (values[1] - values[0]) + ly * (values[3] - values[2]);
+    dvalue_dy = clamped_y ? static_cast<T>(0)
+                          : hx * (values[2] - values[0]) + lx * (values[3] - values[1]);
+    dvalue_dx = clamped_x ? static_cast<T>(0)
+                          : hy * (values[1] - values[0]) + ly * (values[3] - values[2]);
   }
 };
 

@@ -31,6 +31,23 @@ void check_sampling_inputs(
       op_name,
       ": boxes must be floating point, got ",
       boxes.scalar_type());
+  // Coordinates are computed in op-math (fp32 for half/bf16 features), so fp32 boxes keep their
+  // precision with half features (detectron2 under AMP pools fp16 maps with fp32 boxes); any
+  // other mix is more likely a mistake than a wish, and gradients return in the input's dtype.
+  const auto geometry_dtype_ok = [&](at::ScalarType dtype) {
+    return dtype == features.scalar_type() ||
+        (dtype == at::kFloat &&
+         (features.scalar_type() == at::kHalf || features.scalar_type() == at::kBFloat16));
+  };
+  TORCH_CHECK(
+      geometry_dtype_ok(boxes.scalar_type()),
+      op_name,
+      ": boxes are ",
+      boxes.scalar_type(),
+      " but features are ",
+      features.scalar_type(),
+      "; pass boxes in the features' dtype (float32 boxes are also accepted with half or "
+      "bfloat16 features)");
   TORCH_CHECK(
       boxes.device() == features.device(),
       op_name,
@@ -64,6 +81,15 @@ void check_sampling_inputs(
         op_name,
         ": offsets must be floating point, got ",
         offsets.scalar_type());
+    TORCH_CHECK(
+        geometry_dtype_ok(offsets.scalar_type()),
+        op_name,
+        ": offsets are ",
+        offsets.scalar_type(),
+        " but features are ",
+        features.scalar_type(),
+        "; pass offsets in the features' dtype (float32 offsets are also accepted with half or "
+        "bfloat16 features)");
     TORCH_CHECK(
         offsets.device() == features.device(),
         op_name,

@@ -18,7 +18,8 @@ struct SamplingSpec {
   bool aligned;
 };
 
-// Shape, dtype and device checks. `offsets` is undefined for the plain op.
+// Shape, dtype and device checks (no data access). `offsets` is undefined for the plain op.
+// Boxes and offsets must have the features' dtype, or float32 with half/bfloat16 features.
 void check_sampling_inputs(
     const char* op_name,
     const at::Tensor& features,
@@ -27,8 +28,9 @@ void check_sampling_inputs(
     int64_t out_h,
     int64_t out_w);
 
-// Data checks that need the box values (one host sync on CUDA): finite coordinates, integral
-// batch indices in [0, N), finite offsets.
+// Data checks that need the box values: finite coordinates, integral batch indices in [0, N),
+// finite offsets. Host-side, so run on the CPU only: on CUDA it would cost a host sync per call
+// (and break CUDA-graph capture); the CUDA kernels assert the same conditions on the device.
 void check_box_values(
     const char* op_name,
     const at::Tensor& boxes,

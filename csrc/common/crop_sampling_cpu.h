@@ -1,15 +1,25 @@
 // CPU kernels shared by crop_and_resize (kDeformable = false) and deformable_crop_and_resize.
 //
 // Every pass precomputes, per box, the bilinear corners of its out_h x out_w samples once and then
-// sweeps the channels with a branch-free inner loop. Forward and position gradients are parallel
-// over boxes; the feature gradient is parallel over (batch image, channel) planes, each plane owned
-// by one thread, so the scatter needs no atomics and is deterministic.
+// sweeps the channels. Two memory layouts:
+//   * channels-last ([N, H, W, C]): each of a sample's four taps is a contiguous run of channels,
+//     so the interpolation vectorises over channels. Used when the features already are
+//     channels-last (the fast path), or after a copy when the crops touch a large part of the map.
+//   * NCHW, read in place: a scalar gather per (channel, sample). Used for contiguous NCHW features
+//     when the crops' samples are few against the map's pixels, where a whole-map channels-last
+//     copy would cost more than the crops (FPN's P2 level: most of the forward time).
+// The forward and the position gradient are parallel over boxes, each box written by one thread.
+// The feature gradient is parallel over (image, channel block) items, each owning that slice of
+// the gradient and walking its boxes in a fixed order: no atomics, and the same bits for any
+// thread count. The channel block shrinks with the thread count (down to 8 channels), so there
+// are work items for every thread even for one image of 32 channels.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -51,40 +61,77 @@ void setup_box_samples(
     for (int64_t j = 0; j < spec.out_w; ++j) {
       acc_t y, x;
       geometry.position(i, j, spec.out_h, spec.out_w, y, x);
-      samples[i * spec.out_w + j].setup(y, x, height, width);
+      samples[i * spec.out_w + j].setup(y, x, height, width, spec.aligned);
     }
   }
 }
 
-// Channels transposed per block in the forward pass (a [samples x block] tile stays in L1).
+// Channels per [samples x block] transpose tile in the channels-last kernels.
 constexpr int64_t kTransposeBlock = 64;
+// The smallest channel block of a feature-gradient work item: below this the per-box sample
+// setup, repeated by every item, outweighs the channels it is spent on.
+constexpr int64_t kMinGradBlock = 8;
 
-// features [N, C, H, W] in any layout; boxes [K, 5] and offsets [K, 2, G, G] contiguous in acc_t.
-//
-// The forward pass reads the features channels-last (free when they already are), so each of a
-// sample's four taps is a contiguous run of C values and the interpolation vectorises over
-// channels; each box's [samples x C] result is then transposed into the NCHW output.
-template <typename scalar_t, bool kDeformable>
-at::Tensor forward(
-    const at::Tensor& features,
-    const at::Tensor& boxes,
-    const at::Tensor& offsets,
-    const SamplingSpec& spec) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_boxes = boxes.size(0);
-  const int64_t channels = features.size(1);
-  const int64_t height = features.size(2);
-  const int64_t width = features.size(3);
+// How a call reads the features (see the top of this file).
+enum class Layout { kChannelsLast, kNchw, kCopyToChannelsLast };
+
+// Read NCHW in place when the crops' samples number at most this fraction of the map's pixels.
+// The channels-last copy moves N*H*W*C elements once; the NCHW gather pays a scalar, strided
+// read per sample and channel instead of a vectorised one. Measured on a 2-core x86 CPU (fp32,
+// 256 channels, 7x7 and 14x14 crops on 64x64 to 200x304 maps): break-even between 1/2 and 1.
+constexpr double kNchwSampleFraction = 0.5;
+
+inline Layout choose_layout(const at::Tensor& features, int64_t num_boxes, int64_t num_samples) {
+  if (features.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return Layout::kChannelsLast;
+  }
+  const double pixels = static_cast<double>(features.size(0)) * features.size(2) * features.size(3);
+  if (features.is_contiguous() &&
+      static_cast<double>(num_boxes) * num_samples <= kNchwSampleFraction * pixels) {
+    return Layout::kNchw;
+  }
+  return Layout::kCopyToChannelsLast;
+}
+
+inline const char* layout_name(Layout layout) {
+  switch (layout) {
+    case Layout::kChannelsLast:
+      return "channels_last";
+    case Layout::kNchw:
+      return "nchw";
+    default:
+      return "copy_to_channels_last";
+  }
+}
+
+// Channels per feature-gradient work item: enough items for every thread (4 per thread, for
+// images with more boxes than others), at most kTransposeBlock, at least kMinGradBlock (or C).
+inline int64_t gradient_channel_block(int64_t batch_size, int64_t channels) {
+  const int64_t items_wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t blocks_per_image = std::max<int64_t>(1, (items_wanted + batch_size - 1) / batch_size);
+  int64_t block = (channels + blocks_per_image - 1) / blocks_per_image;
+  block = (block + kMinGradBlock - 1) / kMinGradBlock * kMinGradBlock;
+  return std::max<int64_t>(1, std::min({block, kTransposeBlock, std::max(channels, int64_t(1))}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// Channels-last: each sample's taps are contiguous channel runs; a box's [samples x block] result
+// is transposed into the NCHW output.
+template <typename scalar_t, typename acc_t, bool kDeformable>
+void forward_channels_last(
+    const scalar_t* feature_data,
+    const acc_t* box_data,
+    const acc_t* offset_data,
+    int64_t num_boxes,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    int64_t grid,
+    const SamplingSpec& spec,
+    scalar_t* output_data) {
   const int64_t num_samples = spec.out_h * spec.out_w;
-  const int64_t grid = kDeformable ? offsets.size(2) : 1;
-
-  const auto features_nhwc = features.contiguous(at::MemoryFormat::ChannelsLast);
-  auto output = at::empty({num_boxes, channels, spec.out_h, spec.out_w}, features.options());
-  const scalar_t* feature_data = features_nhwc.const_data_ptr<scalar_t>();
-  const acc_t* box_data = boxes.const_data_ptr<acc_t>();
-  const acc_t* offset_data = kDeformable ? offsets.const_data_ptr<acc_t>() : nullptr;
-  scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
-
   at::parallel_for(0, num_boxes, 1, [&](int64_t begin, int64_t end) {
     std::vector<BilinearSample<acc_t>> samples(num_samples);
     std::vector<acc_t> tile(num_samples * kTransposeBlock);
@@ -104,8 +151,6 @@ at::Tensor forward(
             std::fill(values, values + block, static_cast<acc_t>(0));
             continue;
           }
-          // Absent corners (beyond the last row/column) have weight 0 and index 0, which is
-          // never read: they are skipped below.
           const scalar_t* __restrict__ p00 = image + sample.index[0] * channels + c0;
           const acc_t w00 = sample.weight[0];
           for (int64_t b = 0; b < block; ++b) {
@@ -131,16 +176,301 @@ at::Tensor forward(
       }
     }
   });
+}
+
+// NCHW in place: per channel plane, a gather of each sample's present corners.
+template <typename scalar_t, typename acc_t, bool kDeformable>
+void forward_nchw(
+    const scalar_t* feature_data,
+    const acc_t* box_data,
+    const acc_t* offset_data,
+    int64_t num_boxes,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    int64_t grid,
+    const SamplingSpec& spec,
+    scalar_t* output_data) {
+  const int64_t num_samples = spec.out_h * spec.out_w;
+  const int64_t plane_size = height * width;
+  at::parallel_for(0, num_boxes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<BilinearSample<acc_t>> samples(num_samples);
+    for (int64_t box = begin; box < end; ++box) {
+      setup_box_samples<acc_t, kDeformable>(
+          box_data, offset_data, box, grid, height, width, spec, samples);
+      const int64_t batch = static_cast<int64_t>(box_data[box * 5]);
+      for (int64_t c = 0; c < channels; ++c) {
+        const scalar_t* __restrict__ plane = feature_data + (batch * channels + c) * plane_size;
+        scalar_t* __restrict__ out = output_data + (box * channels + c) * num_samples;
+        for (int64_t s = 0; s < num_samples; ++s) {
+          const auto& sample = samples[s];
+          acc_t value = 0;
+          for (int q = 0; q < 4; ++q) {
+            if (sample.present[q]) {
+              value += sample.weight[q] * static_cast<acc_t>(plane[sample.index[q]]);
+            }
+          }
+          out[s] = static_cast<scalar_t>(value);
+        }
+      }
+    }
+  });
+}
+
+// features [N, C, H, W] in any layout; boxes [K, 5] and offsets [K, 2, G, G] contiguous in acc_t.
+template <typename scalar_t, bool kDeformable>
+at::Tensor forward(
+    const at::Tensor& features,
+    const at::Tensor& boxes,
+    const at::Tensor& offsets,
+    const SamplingSpec& spec) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_boxes = boxes.size(0);
+  const int64_t channels = features.size(1);
+  const int64_t height = features.size(2);
+  const int64_t width = features.size(3);
+  const int64_t num_samples = spec.out_h * spec.out_w;
+  const int64_t grid = kDeformable ? offsets.size(2) : 1;
+  auto output = at::empty({num_boxes, channels, spec.out_h, spec.out_w}, features.options());
+  if (output.numel() == 0) {
+    return output;  // no boxes (an FPN level without any): skip the layout work below
+  }
+  const acc_t* box_data = boxes.const_data_ptr<acc_t>();
+  const acc_t* offset_data = kDeformable ? offsets.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* output_data = output.mutable_data_ptr<scalar_t>();
+  const Layout layout = choose_layout(features, num_boxes, num_samples);
+  if (layout == Layout::kNchw) {
+    forward_nchw<scalar_t, acc_t, kDeformable>(
+        features.const_data_ptr<scalar_t>(), box_data, offset_data, num_boxes, channels, height,
+        width, grid, spec, output_data);
+  } else {
+    const auto features_nhwc = features.contiguous(at::MemoryFormat::ChannelsLast);
+    forward_channels_last<scalar_t, acc_t, kDeformable>(
+        features_nhwc.const_data_ptr<scalar_t>(), box_data, offset_data, num_boxes, channels,
+        height, width, grid, spec, output_data);
+  }
   return output;
 }
 
-// Gradients w.r.t. the features ([N, C, H, W], if features_grad) and w.r.t. the sample positions
-// ([K, out_h, out_w, 2] as (y, x) in acc_t, if positions_grad), in one pass.
-//
-// Work items are (image, block of channels): an item owns those channels of that image's feature
-// gradient, so the scatter needs no atomics and is deterministic for a given thread count. Both
-// gradients are computed channels-last, vectorised over the channels of a block; position
-// gradients are summed per thread and reduced at the end.
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+// Boxes grouped by image, in box order (a counting sort): returns (group_start [N + 1],
+// boxes_by_image [K]).
+template <typename acc_t>
+std::pair<std::vector<int64_t>, std::vector<int64_t>> group_boxes_by_image(
+    const acc_t* box_data, int64_t num_boxes, int64_t batch_size) {
+  std::vector<int64_t> group_start(batch_size + 1, 0);
+  for (int64_t box = 0; box < num_boxes; ++box) {
+    ++group_start[static_cast<int64_t>(box_data[box * 5]) + 1];
+  }
+  for (int64_t n = 0; n < batch_size; ++n) {
+    group_start[n + 1] += group_start[n];
+  }
+  std::vector<int64_t> boxes_by_image(num_boxes);
+  std::vector<int64_t> fill(group_start.begin(), group_start.end() - 1);
+  for (int64_t box = 0; box < num_boxes; ++box) {
+    boxes_by_image[fill[static_cast<int64_t>(box_data[box * 5])]++] = box;
+  }
+  return {std::move(group_start), std::move(boxes_by_image)};
+}
+
+// Feature gradient into grad_data (acc_t, zeroed) laid out like the features read by `layout`:
+// [N, H, W, C] for the channels-last layouts, [N, C, H, W] for kNchw.
+template <typename scalar_t, typename acc_t, bool kDeformable>
+void feature_gradient(
+    Layout layout,
+    const scalar_t* grad_out_data,
+    const acc_t* box_data,
+    const acc_t* offset_data,
+    int64_t num_boxes,
+    int64_t batch_size,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    int64_t grid,
+    const SamplingSpec& spec,
+    acc_t* grad_data) {
+  const int64_t num_samples = spec.out_h * spec.out_w;
+  const int64_t plane_size = height * width;
+  const int64_t block_size = gradient_channel_block(batch_size, channels);
+  const int64_t blocks_per_image = (channels + block_size - 1) / block_size;
+  const auto groups = group_boxes_by_image(box_data, num_boxes, batch_size);
+  const auto& group_start = groups.first;
+  const auto& boxes_by_image = groups.second;
+  const bool channels_last = layout != Layout::kNchw;
+
+  at::parallel_for(0, batch_size * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
+    std::vector<BilinearSample<acc_t>> samples(num_samples);
+    std::vector<acc_t> tile(channels_last ? num_samples * kTransposeBlock : 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t batch = item / blocks_per_image;
+      const int64_t c0 = (item % blocks_per_image) * block_size;
+      const int64_t block = std::min(block_size, channels - c0);
+      acc_t* grad_image = grad_data + batch * plane_size * channels;
+      for (int64_t g = group_start[batch]; g < group_start[batch + 1]; ++g) {
+        const int64_t box = boxes_by_image[g];
+        setup_box_samples<acc_t, kDeformable>(
+            box_data, offset_data, box, grid, height, width, spec, samples);
+        const scalar_t* grad_box = grad_out_data + (box * channels + c0) * num_samples;
+        if (!channels_last) {
+          for (int64_t b = 0; b < block; ++b) {
+            acc_t* __restrict__ plane = grad_image + (c0 + b) * plane_size;
+            const scalar_t* __restrict__ grad = grad_box + b * num_samples;
+            for (int64_t s = 0; s < num_samples; ++s) {
+              const auto& sample = samples[s];
+              if (!sample.inside) {
+                continue;
+              }
+              const acc_t g_value = static_cast<acc_t>(grad[s]);
+              for (int q = 0; q < 4; ++q) {
+                if (sample.present[q]) {
+                  plane[sample.index[q]] += sample.weight[q] * g_value;
+                }
+              }
+            }
+          }
+          continue;
+        }
+        for (int64_t b = 0; b < block; ++b) {
+          for (int64_t s = 0; s < num_samples; ++s) {
+            tile[s * kTransposeBlock + b] = static_cast<acc_t>(grad_box[b * num_samples + s]);
+          }
+        }
+        for (int64_t s = 0; s < num_samples; ++s) {
+          const auto& sample = samples[s];
+          if (!sample.inside) {
+            continue;
+          }
+          const acc_t* __restrict__ grad = tile.data() + s * kTransposeBlock;
+          for (int q = 0; q < 4; ++q) {
+            if (!sample.present[q]) {
+              continue;
+            }
+            acc_t* __restrict__ target = grad_image + sample.index[q] * channels + c0;
+            const acc_t weight = sample.weight[q];
+            for (int64_t b = 0; b < block; ++b) {
+              target[b] += weight * grad[b];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Gradient w.r.t. the sample positions, [K, S, 2] as (d/dy, d/dx) in acc_t, one box per task:
+// sums in a fixed order, the same for any thread count.
+template <typename scalar_t, typename acc_t, bool kDeformable>
+void position_gradient(
+    Layout layout,
+    const scalar_t* grad_out_data,
+    const scalar_t* feature_data,
+    const acc_t* box_data,
+    const acc_t* offset_data,
+    int64_t num_boxes,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    int64_t grid,
+    const SamplingSpec& spec,
+    acc_t* grad_positions) {
+  const int64_t num_samples = spec.out_h * spec.out_w;
+  const int64_t plane_size = height * width;
+  const bool channels_last = layout != Layout::kNchw;
+  at::parallel_for(0, num_boxes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<BilinearSample<acc_t>> samples(num_samples);
+    std::vector<acc_t> tile(channels_last ? num_samples * kTransposeBlock : 0);
+    std::vector<acc_t> sums(num_samples * 4);
+    const std::vector<scalar_t> zeros(kTransposeBlock, static_cast<scalar_t>(0));
+    for (int64_t box = begin; box < end; ++box) {
+      setup_box_samples<acc_t, kDeformable>(
+          box_data, offset_data, box, grid, height, width, spec, samples);
+      const int64_t batch = static_cast<int64_t>(box_data[box * 5]);
+      const scalar_t* grad_box = grad_out_data + box * channels * num_samples;
+      // Per sample: sum over channels of g * (f10 - f00), g * (f11 - f01), g * (f01 - f00),
+      // g * (f11 - f10); d value / dy = hx (f10 - f00) + lx (f11 - f01), d / dx likewise.
+      std::fill(sums.begin(), sums.end(), static_cast<acc_t>(0));
+      if (channels_last) {
+        const scalar_t* image = feature_data + batch * plane_size * channels;
+        for (int64_t c0 = 0; c0 < channels; c0 += kTransposeBlock) {
+          const int64_t block = std::min(kTransposeBlock, channels - c0);
+          for (int64_t b = 0; b < block; ++b) {
+            for (int64_t s = 0; s < num_samples; ++s) {
+              tile[s * kTransposeBlock + b] =
+                  static_cast<acc_t>(grad_box[(c0 + b) * num_samples + s]);
+            }
+          }
+          for (int64_t s = 0; s < num_samples; ++s) {
+            const auto& sample = samples[s];
+            if (!sample.inside) {
+              continue;
+            }
+            const acc_t* __restrict__ grad = tile.data() + s * kTransposeBlock;
+            const scalar_t* corner[4];
+            for (int q = 0; q < 4; ++q) {
+              corner[q] =
+                  sample.present[q] ? image + sample.index[q] * channels + c0 : zeros.data();
+            }
+            acc_t sum_y0 = 0, sum_y1 = 0, sum_x0 = 0, sum_x1 = 0;
+            // Reassociating these sums (which -O3 alone may not) lets them vectorise.
+#pragma omp simd reduction(+ : sum_y0, sum_y1, sum_x0, sum_x1)
+            for (int64_t b = 0; b < block; ++b) {
+              const acc_t f00 = static_cast<acc_t>(corner[0][b]);
+              const acc_t f01 = static_cast<acc_t>(corner[1][b]);
+              const acc_t f10 = static_cast<acc_t>(corner[2][b]);
+              const acc_t f11 = static_cast<acc_t>(corner[3][b]);
+              sum_y0 += grad[b] * (f10 - f00);
+              sum_y1 += grad[b] * (f11 - f01);
+              sum_x0 += grad[b] * (f01 - f00);
+              sum_x1 += grad[b] * (f11 - f10);
+            }
+            acc_t* total = sums.data() + s * 4;
+            total[0] += sum_y0;
+            total[1] += sum_y1;
+            total[2] += sum_x0;
+            total[3] += sum_x1;
+          }
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          const scalar_t* __restrict__ plane = feature_data + (batch * channels + c) * plane_size;
+          const scalar_t* __restrict__ grad = grad_box + c * num_samples;
+          for (int64_t s = 0; s < num_samples; ++s) {
+            const auto& sample = samples[s];
+            if (!sample.inside) {
+              continue;
+            }
+            acc_t f[4];
+            sample.corners(plane, f);
+            const acc_t g_value = static_cast<acc_t>(grad[s]);
+            acc_t* total = sums.data() + s * 4;
+            total[0] += g_value * (f[2] - f[0]);
+            total[1] += g_value * (f[3] - f[1]);
+            total[2] += g_value * (f[1] - f[0]);
+            total[3] += g_value * (f[3] - f[2]);
+          }
+        }
+      }
+      acc_t* out = grad_positions + box * num_samples * 2;
+      for (int64_t s = 0; s < num_samples; ++s) {
+        const auto& sample = samples[s];
+        const acc_t* total = sums.data() + s * 4;
+        const acc_t hy = static_cast<acc_t>(1) - sample.ly;
+        const acc_t hx = static_cast<acc_t>(1) - sample.lx;
+        // Outside, or along an axis clamped to the border (aligned rule): constant value.
+        const bool y_moves = sample.inside && !sample.clamped_y;
+        const bool x_moves = sample.inside && !sample.clamped_x;
+        out[2 * s] = y_moves ? hx * total[0] + sample.lx * total[1] : static_cast<acc_t>(0);
+        out[2 * s + 1] = x_moves ? hy * total[2] + sample.ly * total[3] : static_cast<acc_t>(0);
+      }
+    }
+  });
+}
+
+// Gradients w.r.t. the features ([N, C, H, W] laid out as empty_like(features), if
+// features_grad) and w.r.t. the sample positions ([K, out_h, out_w, 2] as (y, x) in acc_t, if
+// positions_grad).
 template <typename scalar_t, bool kDeformable>
 std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output,
@@ -158,121 +488,46 @@ std::tuple<at::Tensor, at::Tensor> backward(
   const int64_t width = features.size(3);
   const int64_t num_samples = spec.out_h * spec.out_w;
   const int64_t grid = kDeformable ? offsets.size(2) : 1;
-  const int64_t blocks_per_image = (channels + kTransposeBlock - 1) / kTransposeBlock;
-  const int64_t num_threads = at::get_num_threads();
-
   const auto acc_options = grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type()));
-  at::Tensor features_nhwc, grad_features_nhwc, position_partials;
-  if (positions_grad) {
-    features_nhwc = features.contiguous(at::MemoryFormat::ChannelsLast);
-    position_partials = at::zeros({num_threads, num_boxes, num_samples, 2}, acc_options);
-  }
-  if (features_grad) {
-    grad_features_nhwc = at::zeros({batch_size, height, width, channels}, acc_options);
-  }
-  const scalar_t* feature_data = positions_grad ? features_nhwc.const_data_ptr<scalar_t>() : nullptr;
-  acc_t* grad_feature_data = features_grad ? grad_features_nhwc.mutable_data_ptr<acc_t>() : nullptr;
-  acc_t* partial_data = positions_grad ? position_partials.mutable_data_ptr<acc_t>() : nullptr;
   const acc_t* box_data = boxes.const_data_ptr<acc_t>();
   const acc_t* offset_data = kDeformable ? offsets.const_data_ptr<acc_t>() : nullptr;
   const scalar_t* grad_out_data = grad_output.const_data_ptr<scalar_t>();
-
-  // Boxes grouped by image (counting sort).
-  std::vector<int64_t> group_start(batch_size + 1, 0);
-  for (int64_t box = 0; box < num_boxes; ++box) {
-    ++group_start[static_cast<int64_t>(box_data[box * 5]) + 1];
-  }
-  for (int64_t n = 0; n < batch_size; ++n) {
-    group_start[n + 1] += group_start[n];
-  }
-  std::vector<int64_t> boxes_by_image(num_boxes);
-  {
-    std::vector<int64_t> fill(group_start.begin(), group_start.end() - 1);
-    for (int64_t box = 0; box < num_boxes; ++box) {
-      boxes_by_image[fill[static_cast<int64_t>(box_data[box * 5])]++] = box;
-    }
-  }
-
-  at::parallel_for(0, batch_size * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
-    std::vector<BilinearSample<acc_t>> samples(num_samples);
-    std::vector<acc_t> tile(num_samples * kTransposeBlock);
-    const std::vector<scalar_t> zeros(kTransposeBlock, static_cast<scalar_t>(0));
-    acc_t* partial = positions_grad
-        ? partial_data + at::get_thread_num() * num_boxes * num_samples * 2
-        : nullptr;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t batch = item / blocks_per_image;
-      const int64_t c0 = (item % blocks_per_image) * kTransposeBlock;
-      const int64_t block = std::min(kTransposeBlock, channels - c0);
-      const scalar_t* image =
-          positions_grad ? feature_data + batch * height * width * channels : nullptr;
-      acc_t* grad_image =
-          features_grad ? grad_feature_data + batch * height * width * channels : nullptr;
-      for (int64_t g = group_start[batch]; g < group_start[batch + 1]; ++g) {
-        const int64_t box = boxes_by_image[g];
-        setup_box_samples<acc_t, kDeformable>(
-            box_data, offset_data, box, grid, height, width, spec, samples);
-        const scalar_t* grad_box = grad_out_data + (box * channels + c0) * num_samples;
-        for (int64_t b = 0; b < block; ++b) {
-          for (int64_t s = 0; s < num_samples; ++s) {
-            tile[s * kTransposeBlock + b] = static_cast<acc_t>(grad_box[b * num_samples + s]);
-          }
-        }
-        for (int64_t s = 0; s < num_samples; ++s) {
-          const auto& sample = samples[s];
-          if (!sample.inside) {
-            continue;
-          }
-          const acc_t* __restrict__ grad = tile.data() + s * kTransposeBlock;
-          if (features_grad) {
-            for (int q = 0; q < 4; ++q) {
-              if (!sample.present[q]) {
-                continue;
-              }
-              acc_t* __restrict__ target = grad_image + sample.index[q] * channels + c0;
-              const acc_t weight = sample.weight[q];
-              for (int64_t b = 0; b < block; ++b) {
-                target[b] += weight * grad[b];
-              }
-            }
-          }
-          if (positions_grad) {
-            const scalar_t* corner[4];
-            for (int q = 0; q < 4; ++q) {
-              corner[q] = sample.present[q] ? image + sample.index[q] * channels + c0 : zeros.data();
-            }
-            // d value / dy = hx (f10 - f00) + lx (f11 - f01); d value / dx likewise.
-            acc_t sum_y0 = 0, sum_y1 = 0, sum_x0 = 0, sum_x1 = 0;
-            // Reassociating these sums (which -O3 alone may not) lets them vectorise.
-#pragma omp simd reduction(+ : sum_y0, sum_y1, sum_x0, sum_x1)
-            for (int64_t b = 0; b < block; ++b) {
-              const acc_t f00 = static_cast<acc_t>(corner[0][b]);
-              const acc_t f01 = static_cast<acc_t>(corner[1][b]);
-              const acc_t f10 = static_cast<acc_t>(corner[2][b]);
-              const acc_t f11 = static_cast<acc_t>(corner[3][b]);
-              sum_y0 += grad[b] * (f10 - f00);
-              sum_y1 += grad[b] * (f11 - f01);
-              sum_x0 += grad[b] * (f01 - f00);
-              sum_x1 += grad[b] * (f11 - f10);
-            }
-            const acc_t hy = static_cast<acc_t>(1) - sample.ly;
-            const acc_t hx = static_cast<acc_t>(1) - sample.lx;
-            partial[(box * num_samples + s) * 2] += hx * sum_y0 + sample.lx * sum_y1;
-            partial[(box * num_samples + s) * 2 + 1] += hy * sum_x0 + sample.ly * sum_x1;
-          }
-        }
-      }
-    }
-  });
+  const Layout layout = choose_layout(features, num_boxes, num_samples);
+  const bool work = num_boxes > 0 && channels > 0;
 
   at::Tensor grad_features, grad_positions;
   if (features_grad) {
-    // [N, H, W, C] viewed as [N, C, H, W]: a channels-last gradient. Autograd accepts any
-    // strides, and a copy back to NCHW here would cost as much as the scatter for small crops.
-    grad_features = grad_features_nhwc.permute({0, 3, 1, 2}).to(grad_output.scalar_type());
+    // Returned in the layout of empty_like(features), as the fake kernel says. Accumulated in
+    // acc_t: into the result itself when it has that dtype and the kernel's layout (fp32/fp64
+    // NCHW read in place, or channels-last features), else into a buffer copied over once.
+    grad_features = at::zeros_like(features);
+    const bool kernel_layout_is_result = layout == Layout::kNchw
+        ? grad_features.is_contiguous()
+        : grad_features.is_contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor accumulator = grad_features;
+    if (!kernel_layout_is_result || grad_features.scalar_type() != acc_options.dtype()) {
+      accumulator = layout == Layout::kNchw
+          ? at::zeros(features.sizes(), acc_options)
+          : at::zeros({batch_size, height, width, channels}, acc_options).permute({0, 3, 1, 2});
+    }
+    if (work) {
+      feature_gradient<scalar_t, acc_t, kDeformable>(
+          layout, grad_out_data, box_data, offset_data, num_boxes, batch_size, channels, height,
+          width, grid, spec, accumulator.mutable_data_ptr<acc_t>());
+      if (!accumulator.is_same(grad_features)) {
+        grad_features.copy_(accumulator);
+      }
+    }
   }
   if (positions_grad) {
-    grad_positions = position_partials.sum(0).view({num_boxes, spec.out_h, spec.out_w, 2});
+    grad_positions = at::zeros({num_boxes, spec.out_h, spec.out_w, 2}, acc_options);
+    if (work) {
+      const auto features_read =
+          layout == Layout::kNchw ? features : features.contiguous(at::MemoryFormat::ChannelsLast);
+      position_gradient<scalar_t, acc_t, kDeformable>(
+          layout, grad_out_data, features_read.const_data_ptr<scalar_t>(), box_data, offset_data,
+          num_boxes, channels, height, width, grid, spec, grad_positions.mutable_data_ptr<acc_t>());
+    }
   }
   return {grad_features, grad_positions};
 }
@@ -281,6 +536,7 @@ std::tuple<at::Tensor, at::Tensor> backward(
 
 // The kernel family, as a type for crop_sampling_ops.h.
 struct CpuKernels {
+  static constexpr bool kHostValueChecks = true;
   template <typename scalar_t, bool kDeformable, typename... Args>
   static at::Tensor forward(Args&&... args) {
     return cpu::forward<scalar_t, kDeformable>(std::forward<Args>(args)...);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
@@ -30,7 +31,7 @@ template <typename acc_t>
 struct SamplingParams {
   const acc_t* boxes;    // [K, 5]
   const acc_t* offsets;  // [K, 2, G, G] or nullptr
-  int64_t grid, channels, height, width, out_h, out_w;
+  int64_t grid, batch_size, channels, height, width, out_h, out_w;
   acc_t spatial_scale, gamma;
   bool aligned;
 
@@ -42,6 +43,7 @@ struct SamplingParams {
       : boxes(boxes_opmath.const_data_ptr<acc_t>()),
         offsets(offsets_opmath.defined() ? offsets_opmath.const_data_ptr<acc_t>() : nullptr),
         grid(offsets_opmath.defined() ? offsets_opmath.size(2) : 1),
+        batch_size(feature_sizes[0]),
         channels(feature_sizes[1]),
         height(feature_sizes[2]),
         width(feature_sizes[3]),
@@ -52,9 +54,18 @@ struct SamplingParams {
         aligned(spec.aligned) {}
 
   // The bilinear sample (i, j) of ``box`` and the offset of its feature plane for ``channel``.
+  //
+  // The CPU checks box values on the host before any kernel runs; here that would cost a host
+  // sync per call, so the same conditions are device-side asserts (a failure surfaces at the
+  // next synchronising call as a CUDA "device-side assert triggered" error naming the message).
   template <bool kDeformable>
   __device__ __forceinline__ BilinearSample<acc_t> sample(
       int64_t box, int64_t channel, int64_t i, int64_t j, int64_t& plane_offset) const {
+    const acc_t batch_value = boxes[box * 5];
+    CUDA_KERNEL_ASSERT_MSG(
+        batch_value >= 0 && batch_value < static_cast<acc_t>(batch_size) &&
+            batch_value == floor(batch_value),
+        "masklab crop ops: box batch indices (column 0) must be integers in [0, N)");
     const BoxGeometry<acc_t> geometry(
         boxes + box * 5,
         spatial_scale,
@@ -64,8 +75,12 @@ struct SamplingParams {
         gamma);
     acc_t y, x;
     geometry.position(i, j, out_h, out_w, y, x);
+    // Finite boxes and offsets give finite positions.
+    CUDA_KERNEL_ASSERT_MSG(
+        isfinite(y) && isfinite(x),
+        "masklab crop ops: boxes or offsets contain NaN or infinite values");
     BilinearSample<acc_t> result;
-    result.setup(y, x, height, width);
+    result.setup(y, x, height, width, aligned);
     plane_offset = (geometry.batch_index * channels + channel) * height * width;
     return result;
   }
@@ -94,9 +109,14 @@ __global__ void forward_kernel(
     const auto sample = params.template sample_element<kDeformable>(index, plane_offset);
     const scalar_t* plane = features + plane_offset;
     acc_t value = 0;
+    // Only present corners are read: an outside sample or an absent corner must not touch the
+    // map (a non-finite value there would turn 0 * x into NaN, and an H * W = 0 map has no
+    // element to read), as on the CPU.
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      value += sample.weight[q] * static_cast<acc_t>(plane[sample.index[q]]);
+      if (sample.present[q]) {
+        value += sample.weight[q] * static_cast<acc_t>(plane[sample.index[q]]);
+      }
     }
     output[index] = static_cast<scalar_t>(value);
   }
@@ -201,6 +221,9 @@ std::tuple<at::Tensor, at::Tensor> backward(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor grad_features, grad_positions;
   if (features_grad) {
+    // The scatter adds with atomics in an unspecified order (roi_align's CUDA backward warns
+    // alike); the position gradients below are sums in a fixed order.
+    at::globalContext().alertNotDeterministic("masklab crop ops: CUDA backward (feature gradient)");
     auto grad_acc = at::zeros(
         features_any_layout.sizes(),
         grad_output.options().dtype(at::toOpMathType(grad_output.scalar_type())));
@@ -214,7 +237,14 @@ std::tuple<at::Tensor, at::Tensor> backward(
               grad_acc.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    grad_features = grad_acc.to(grad_output.scalar_type());
+    // The layout of empty_like(features), as the fake kernel says.
+    grad_features =
+        at::empty_like(features_any_layout, grad_acc.options().dtype(grad_output.scalar_type()));
+    if (grad_features.is_contiguous() && grad_features.scalar_type() == grad_acc.scalar_type()) {
+      grad_features = grad_acc;
+    } else {
+      grad_features.copy_(grad_acc);
+    }
   }
   if (positions_grad) {
     const auto features = features_any_layout.contiguous();
@@ -238,6 +268,8 @@ std::tuple<at::Tensor, at::Tensor> backward(
 
 // The kernel family, as a type for crop_sampling_ops.h.
 struct CudaKernels {
+  // No host-side box checks (a sync per call): SamplingParams::sample asserts on the device.
+  static constexpr bool kHostValueChecks = false;
   template <typename scalar_t, bool kDeformable, typename... Args>
   static at::Tensor forward(Args&&... args) {
     return cuda::forward<scalar_t, kDeformable>(std::forward<Args>(args)...);

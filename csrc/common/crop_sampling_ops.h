@@ -13,7 +13,10 @@
 namespace masklab {
 
 // Kernels must provide static templates forward and backward <scalar_t, kDeformable> with the
-// signatures of crop_sampling_cpu.h.
+// signatures of crop_sampling_cpu.h, and kHostValueChecks: whether to run check_box_values (which
+// reads the box values on the host, a sync on a GPU; the CUDA kernels assert on the device
+// instead). The feature gradient must have the layout of at::empty_like(features), which is what
+// the fake kernels in masklab_d2/layers/_ops.py promise (torch.compile relies on it).
 template <typename Kernels, bool kDeformable>
 at::Tensor sampling_forward(
     const char* op_name,
@@ -23,7 +26,9 @@ at::Tensor sampling_forward(
     const SamplingSpec& spec) {
   check_sampling_inputs(op_name, features, boxes, offsets, spec.out_h, spec.out_w);
   const c10::DeviceGuard device_guard(features.device());
-  check_box_values(op_name, boxes, offsets, features.size(0));
+  if (Kernels::kHostValueChecks) {
+    check_box_values(op_name, boxes, offsets, features.size(0));
+  }
   const auto opmath = opmath_dtype(features);
   const auto boxes_opmath = boxes.to(opmath).contiguous();
   const auto offsets_opmath = kDeformable ? offsets.to(opmath).contiguous() : at::Tensor();
@@ -60,7 +65,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampling_backward(
       ", ...], got ",
       grad_output.sizes());
   const c10::DeviceGuard device_guard(features.device());
-  check_box_values(op_name, boxes, offsets, features.size(0));
+  if (Kernels::kHostValueChecks) {
+    check_box_values(op_name, boxes, offsets, features.size(0));
+  }
   const auto opmath = opmath_dtype(features);
   const auto grad_contiguous = grad_output.to(features.scalar_type()).contiguous();
   const auto boxes_opmath = boxes.to(opmath).contiguous();
@@ -79,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampling_backward(
         }
       });
   if (!grad_features.defined()) {
-    grad_features = at::zeros_like(features, at::MemoryFormat::Contiguous);
+    // The layout of empty_like(features), as every kernel and the fake kernel return.
+    grad_features = at::zeros_like(features);
   }
   if (!grad_boxes.defined()) {
     grad_boxes = at::zeros_like(boxes, at::MemoryFormat::Contiguous);

@@ -4,7 +4,9 @@ Imported lazily by the op wrappers, so that the pure-PyTorch parts of `masklab_d
 without a build. There is no silent fallback to the reference implementations.
 """
 
-from typing import Sequence
+import os
+import re
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,8 +27,79 @@ def compiled_with_cuda() -> bool:
     return _C.compiled_with_cuda()
 
 
+def _parse_arch_list(arch_list: str) -> List[Tuple[Tuple[int, int], bool, bool]]:
+    """TORCH_CUDA_ARCH_LIST ("8.0;8.6;9.0+PTX", also space-separated or with a/f suffixes) ->
+    [((major, minor), has_ptx, arch_specific)]."""
+    parsed = []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if match:
+            capability = (int(match.group(1)), int(match.group(2)))
+            parsed.append((capability, bool(match.group(4)), bool(match.group(3))))
+    return parsed
+
+
+def cuda_arch_covered(capability: Tuple[int, int], arch_list: str) -> bool:
+    """Whether kernels built for ``arch_list`` run on a GPU of compute ``capability``.
+
+    A binary for X.Y runs on X.Z with Z >= Y (arch-specific "a"/"f" builds on X.Y only); PTX for
+    X.Y is JIT-compiled by the driver for any capability >= X.Y.
+    """
+    for built, has_ptx, specific in _parse_arch_list(arch_list):
+        if built == capability:
+            return True
+        if not specific and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if has_ptx and built <= capability:
+            return True
+    return False
+
+
+def check_cuda_arches(
+    capabilities: Sequence[Tuple[str, Tuple[int, int]]], arch_list: Optional[str]
+) -> None:
+    """Raises ImportError naming every GPU (name, capability) that ``arch_list`` does not cover."""
+    if arch_list is None:
+        return
+    missing = [(name, cap) for name, cap in capabilities if not cuda_arch_covered(cap, arch_list)]
+    if missing:
+        gpus = ", ".join(f"{name} (compute capability {c[0]}.{c[1]})" for name, c in missing)
+        needed = ";".join(sorted({f"{c[0]}.{c[1]}" for _, c in missing}))
+        raise ImportError(
+            f"masklab_d2._C has no CUDA kernels for {gpus}: it was built for "
+            f"TORCH_CUDA_ARCH_LIST={arch_list!r}. Rebuild from the repository root with\n"
+            f'    TORCH_CUDA_ARCH_LIST="{needed}" python3 -m pip install --no-build-isolation -e .\n'
+            "(or set MASKLAB_SKIP_ARCH_CHECK=1 to use the ops on the CPU only)."
+        )
+
+
+def _check_visible_gpus() -> None:
+    """Fail at import, not with "no kernel image is available" in the middle of training."""
+    if os.environ.get("MASKLAB_SKIP_ARCH_CHECK") == "1" or not compiled_with_cuda():
+        return
+    if not torch.cuda.is_available():
+        return
+    try:
+        from masklab_d2._build_info import CUDA_ARCH_LIST
+    except ImportError:  # built before build info existed: nothing to check against
+        return
+    # Device properties come from the runtime without creating a context on each GPU.
+    capabilities = [
+        (torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+        for i in range(torch.cuda.device_count())
+    ]
+    check_cuda_arches(capabilities, CUDA_ARCH_LIST)
+
+
+_check_visible_gpus()
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def check_crop_arguments(op_name: str, features, boxes, offsets, output_size: Sequence[int]):
-    """Shape checks shared by the fake kernels (the C++ kernels repeat them on real tensors)."""
+    """Shape, dtype and device checks shared by the fake kernels (the C++ kernels make the same
+    checks on real tensors, csrc/common/crop_sampling.cpp)."""
     torch._check(
         features.dim() == 4,
         lambda: f"{op_name}: features must be a 4-D [N, C, H, W] tensor, got {tuple(features.shape)}",
@@ -36,6 +109,21 @@ def check_crop_arguments(op_name: str, features, boxes, offsets, output_size: Se
         lambda: f"{op_name}: boxes must be a [K, 5] tensor of (batch_index, x1, y1, x2, y2), "
         f"got {tuple(boxes.shape)}",
     )
+    for name, geometry in (("boxes", boxes), ("offsets", offsets)):
+        if geometry is None:
+            continue
+        torch._check(
+            geometry.device == features.device,
+            lambda: f"{op_name}: {name} are on {geometry.device} but features are on "
+            f"{features.device}",
+        )
+        torch._check(
+            geometry.dtype == features.dtype
+            or (geometry.dtype == torch.float32 and features.dtype in _HALF_DTYPES),
+            lambda: f"{op_name}: {name} are {geometry.dtype} but features are {features.dtype}; "
+            f"pass {name} in the features' dtype (float32 {name} are also accepted with half or "
+            "bfloat16 features)",
+        )
     torch._check(
         output_size[0] > 0 and output_size[1] > 0,
         lambda: f"{op_name}: output size must be positive, got {tuple(output_size)}",
@@ -65,10 +153,13 @@ def _crop_and_resize_fake(features, boxes, spatial_scale, crop_height, crop_widt
     return features.new_empty((boxes.shape[0], features.shape[1], crop_height, crop_width))
 
 
+# The feature gradient has the layout of empty_like(features) on every device (channels-last in,
+# channels-last gradient out); the C++ kernels return exactly that, so inductor's stride
+# assertions hold. Box and offset gradients are fresh contiguous tensors.
 @torch.library.register_fake("masklab::_crop_and_resize_backward")
 def _crop_and_resize_backward_fake(grad, features, boxes, spatial_scale, aligned, output_mask):
     return (
-        torch.empty_like(features, memory_format=torch.contiguous_format),
+        torch.empty_like(features),
         torch.empty_like(boxes, memory_format=torch.contiguous_format),
     )
 
@@ -122,7 +213,7 @@ def _deformable_backward_fake(
     grad, features, boxes, offsets, spatial_scale, gamma, aligned, output_mask
 ):
     return (
-        torch.empty_like(features, memory_format=torch.contiguous_format),
+        torch.empty_like(features),
         torch.empty_like(boxes, memory_format=torch.contiguous_format),
         torch.empty_like(offsets, memory_format=torch.contiguous_format),
     )

@@ -2,14 +2,21 @@
 
 Unlike RoIAlign, which averages samples at bin centres, crop_and_resize places its ``S`` samples per
 axis on the box itself: the first and last on the box edges, the rest evenly in between, and a
-single sample (S = 1) at the box centre. A sample outside the feature map reads 0. The op is
-differentiable in the features *and* in the box coordinates, which is what lets MaskLab learn
-deformable sub-box offsets.
+single sample (S = 1) at the box centre. The op is differentiable in the features *and* in the box
+coordinates, which is what lets MaskLab learn deformable sub-box offsets.
 
-Coordinates: boxes are (batch_index, x1, y1, x2, y2) in input pixels; a coordinate maps to the
-feature map as ``x * spatial_scale`` (TensorFlow's corner-aligned convention, pixel centres at
-integers) or, with ``aligned=True``, ``x * spatial_scale - 0.5`` (pixel centres at half-integers,
-detectron2's ROIAlignV2 convention, so that crops of maps at different strides line up).
+Two conventions, chosen by ``aligned``:
+
+* ``aligned=False``, TensorFlow's: a coordinate maps to the feature map as ``x * spatial_scale``
+  (corner-aligned, pixel centres at integers), and a sample outside ``[0, H - 1] x [0, W - 1]``
+  reads 0.
+* ``aligned=True``, detectron2's ROIAlignV2 / torchvision's ``roi_align(aligned=True)``: the
+  coordinate is ``x * spatial_scale - 0.5`` (pixel centres at half-integers, so that crops of maps
+  at different strides line up), with RoIAlign's border rule: a sample within one pixel outside
+  the map (``y`` in ``[-1, 0)`` or ``(H - 1, H]``, ``x`` likewise) reads the border value, and one
+  farther out reads 0. A box whose edge lies on the image border (at feature coordinate -0.5)
+  therefore keeps its outer row and column, as with roi_align; the feature gradient of such a
+  sample goes to the border pixel, and its position gradient along the clamped axis is 0.
 """
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -61,7 +68,8 @@ def crop_and_resize(
             tensors. x1 > x2 (or y1 > y2) flips the crop.
         spatial_scale: feature-map size / input size, e.g. 1/8 for a stride-8 map.
         crop_size: S or (S_h, S_w) samples.
-        aligned: use the half-pixel (ROIAlignV2) coordinate convention; see the module docstring.
+        aligned: the half-pixel (ROIAlignV2) convention with RoIAlign's border rule instead of
+            TensorFlow's; see the module docstring.
 
     Returns:
         Tensor[K, C, S_h, S_w] in the dtype of ``features``. Differentiable w.r.t. ``features``
@@ -144,19 +152,34 @@ def sample_positions_reference(
 
 
 def bilinear_sample_reference(
-    features: torch.Tensor, batch_index: torch.Tensor, y: torch.Tensor, x: torch.Tensor
+    features: torch.Tensor,
+    batch_index: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    clamp_border: bool = False,
 ) -> torch.Tensor:
-    """Bilinear samples of ``features[batch_index[k]]`` at (y, x), 0 outside the map.
+    """Bilinear samples of ``features[batch_index[k]]`` at (y, x).
 
     Args:
         features: [N, C, H, W].
         batch_index: [K] int64.
         y, x: [K, S_h, S_w] feature-pixel coordinates (pixel centres at integers).
+        clamp_border: RoIAlign's border rule (the ``aligned=True`` convention): a sample within
+            one pixel outside the map reads the border value (its coordinate is clamped, so it has
+            no position gradient along that axis) and a sample farther out reads 0. Otherwise
+            TensorFlow's rule: every sample outside [0, H - 1] x [0, W - 1] reads 0.
 
     Returns:
         Tensor[K, C, S_h, S_w].
     """
     height, width = features.shape[-2:]
+    margin = 1.0 if clamp_border else 0.0
+    inside = (
+        (y >= -margin) & (y <= height - 1 + margin) & (x >= -margin) & (x <= width - 1 + margin)
+    )
+    if clamp_border:
+        y = y.clamp(0, height - 1)
+        x = x.clamp(0, width - 1)
     # align_corners=True maps -1 / +1 to the first / last pixel centres.
     grid_x = 2 * x / (width - 1) - 1 if width > 1 else x * 0
     grid_y = 2 * y / (height - 1) - 1 if height > 1 else y * 0
@@ -164,7 +187,6 @@ def bilinear_sample_reference(
     sampled = F.grid_sample(
         features[batch_index], grid, mode="bilinear", padding_mode="zeros", align_corners=True
     )
-    inside = (y >= 0) & (y <= height - 1) & (x >= 0) & (x <= width - 1)
     return sampled * inside[:, None].to(features.dtype)
 
 
@@ -178,7 +200,7 @@ def crop_and_resize_reference(
     """Pure-PyTorch :func:`crop_and_resize` (slow; for tests and as executable documentation)."""
     rois = boxes_to_rois(boxes)
     y, x = sample_positions_reference(rois, spatial_scale, _pair(crop_size), aligned)
-    return bilinear_sample_reference(features, rois[:, 0].long(), y, x)
+    return bilinear_sample_reference(features, rois[:, 0].long(), y, x, clamp_border=aligned)
 
 
 __all__: List[str] = [

@@ -40,7 +40,9 @@ def deformable_crop_and_resize(
         spatial_scale: feature-map size / input size.
         output_size: S or (S_h, S_w).
         gamma: offset scale (0.1 in Deformable ConvNets and here).
-        aligned: half-pixel coordinate convention (see :func:`crop_and_resize`).
+        aligned: half-pixel coordinate convention with RoIAlign's border rule (a sample within
+            one pixel outside the map reads the border value), else TensorFlow's (0 outside the
+            map); see :mod:`masklab_d2.layers.crop_and_resize`.
 
     Returns:
         Tensor[K, C, S_h, S_w]. Differentiable w.r.t. ``features``, ``boxes`` and ``offsets``.
@@ -121,7 +123,7 @@ def deformable_crop_and_resize_reference(
     y, x = sample_positions_reference(
         rois, spatial_scale, _pair(output_size), aligned, offsets=offsets, gamma=gamma
     )
-    return bilinear_sample_reference(features, rois[:, 0].long(), y, x)
+    return bilinear_sample_reference(features, rois[:, 0].long(), y, x, clamp_border=aligned)
 
 
 __all__ = [
