@@ -15,9 +15,10 @@ pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
+from detectron2.config import LazyCall as L  # noqa: E402
 from detectron2.config import LazyConfig  # noqa: E402
 
-from masklab_d2.engine.lazy_train import do_train  # noqa: E402
+from masklab_d2.engine.lazy_train import do_train, resolve_device  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY = os.path.join(REPO, "configs", "lazy")
@@ -40,6 +41,7 @@ TINY = [
     "model.roi_heads.box_predictor.test_topk_per_image=5",
     "model.roi_heads.box_predictor.test_score_thresh=0.0",
     "train.seed=0",
+    "train.precise_bn.num_iter=2",
     "train.device=cpu",
 ]
 
@@ -49,19 +51,28 @@ def _metrics(output_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def first_images(dataset, count):
+    """The first ``count`` records of a dataset (a LazyCall target for a smaller test set)."""
+    return dataset[:count]
+
+
 @pytest.mark.parametrize("path", PARTIAL, ids=lambda p: os.path.relpath(p, LAZY))
 def test_shapes_lazy_config_trains_and_evaluates(path, tmp_path):
     cfg = LazyConfig.load(path)
-    cfg = LazyConfig.apply_overrides(cfg, TINY + ["train.max_iter=3"])
+    cfg = LazyConfig.apply_overrides(cfg, TINY + ["train.max_iter=2"])
     assert cfg.dataloader.mask_train_classes == "voc"
     cfg.train.output_dir = str(tmp_path)
+    # Inference on 8 of the 32 validation images; the evaluator still scores against all of
+    # them (the others count as missed), which is enough to see every group reported.
+    cfg.dataloader.evaluator.dataset_name = cfg.dataloader.test.dataset.names
+    cfg.dataloader.test.dataset = L(first_images)(dataset=cfg.dataloader.test.dataset, count=8)
     torch.manual_seed(0)
     do_train(SimpleNamespace(resume=False), cfg)
 
     assert (tmp_path / "model_final.pth").exists()
     metrics = _metrics(tmp_path)
     trained = [m for m in metrics if "loss_mask" in m]
-    assert trained and trained[-1]["iteration"] == 2
+    assert trained and trained[-1]["iteration"] == 1
     assert all(v == v and abs(v) != float("inf") for k, v in trained[-1].items() if "loss" in k)
     final = [m for m in metrics if "segm/AP" in m][-1]
     # Box / mask AP over all classes, and mask AP on the seen (voc) and unseen (nonvoc) groups.
@@ -97,6 +108,7 @@ def test_train_net_runs_a_lazy_config_with_overrides_resume_and_eval_only(tmp_pa
     assert weights["roi_heads.mask_head.mask_fcn1.weight"].shape == (16, 64, 3, 3)
     assert "roi_heads.mask_head.mask_fcn3.weight" not in weights
     assert "Mask AP by class group" in first.stdout
+    assert "Running precise-BN" in first.stdout  # train.precise_bn of the shapes configs
     final = [m for m in _metrics(tmp_path) if "segm/AP" in m][-1]
     assert "segm/seen/AP" in final and "segm/unseen/AP" in final
 
@@ -120,3 +132,20 @@ def test_train_net_reports_a_bad_lazy_override(tmp_path):
         config + TINY + [f"train.output_dir={tmp_path}", "dataloader.mask_train_classes=voc,nope"]
     )
     assert result.returncode != 0 and "nope" in result.stdout
+
+
+def test_lazy_device_policy(monkeypatch):
+    """As the YAML path: "auto" picks what is there; CUDA without a GPU needs MASKLAB_ALLOW_CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("MASKLAB_ALLOW_CPU", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build, as on a cluster node
+    cfg = LazyConfig.load(os.path.join(LAZY, "shapes", "mask_rcnn_R_18_FPN.py"))
+    assert cfg.train.device == "auto"
+    resolve_device(cfg)
+    assert cfg.train.device == "cpu"
+    cfg.train.device = "cuda"
+    with pytest.raises(RuntimeError, match="no GPU is visible.*MASKLAB_ALLOW_CPU=1"):
+        resolve_device(cfg)
+    monkeypatch.setenv("MASKLAB_ALLOW_CPU", "1")
+    resolve_device(cfg)
+    assert cfg.train.device == "cpu"

@@ -10,7 +10,9 @@ CPU fallback), and per-module learning-rate factors
 A config has detectron2's LazyConfig layout (its ``configs/common/train.py``): ``model``,
 ``dataloader.{train, test, evaluator}``, ``optimizer``, ``lr_multiplier`` and ``train``
 (``output_dir``, ``init_checkpoint``, ``max_iter``, ``amp``, ``ddp``, ``checkpointer``,
-``eval_period``, ``log_period``, ``device`` ("cuda", "cpu" or "auto"); ``seed`` optional).
+``eval_period``, ``log_period``, ``device`` ("cuda", "cpu" or "auto"); optional: ``seed``, and
+``precise_bn`` = dict(enabled, num_iter), the YAML TEST.PRECISE_BN: every evaluation uses BN
+statistics recomputed on ``num_iter`` training batches).
 """
 
 import logging
@@ -24,6 +26,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 
 from masklab_d2.config import ALLOW_CPU_ENV, cpu_fallback_allowed
@@ -116,6 +119,17 @@ def do_test(cfg, model: nn.Module) -> dict:
     return results
 
 
+def _precise_bn_loader(cfg):
+    """A second training loader, without workers (as DefaultTrainer's), for PreciseBN."""
+    train = cfg.dataloader.train
+    num_workers = train.get("num_workers")
+    train.num_workers = 0
+    try:
+        return instantiate(train)
+    finally:
+        train.num_workers = num_workers
+
+
 def do_train(args, cfg) -> None:
     """Trains ``cfg.model`` as detectron2's lazy trainer does, stopping gracefully on signals.
 
@@ -135,10 +149,22 @@ def do_train(args, cfg) -> None:
         amp = False
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    precise_bn = cfg.train.get("precise_bn") or {}
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            # Before the checkpointer and the evaluation, as in detectron2's DefaultTrainer.
+            (
+                hooks.PreciseBN(
+                    cfg.train.eval_period,
+                    model,
+                    _precise_bn_loader(cfg),
+                    precise_bn.get("num_iter", 200),
+                )
+                if precise_bn.get("enabled") and get_bn_modules(model)
+                else None
+            ),
             (
                 hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
                 if comm.is_main_process()

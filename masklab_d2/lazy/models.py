@@ -266,7 +266,7 @@ def hypercolumn_fpn(model, features: Sequence[str] = ("conv1", "res2")):
 
 def _pooled_features_setup(model, resolution: Optional[int]):
     """Mask branch reads the box branch's maps through a pooler (the existing one, resized, or
-    ROIAlignV2); returns the pooled ShapeSpec."""
+    ROIAlignV2 with one sample per bin); returns the pooled ShapeSpec."""
     roi_heads = model.roi_heads
     roi_heads.mask_in_features = list(roi_heads.box_in_features)
     shapes = feature_shapes(model, roi_heads.mask_in_features)
@@ -274,7 +274,7 @@ def _pooled_features_setup(model, resolution: Optional[int]):
         roi_heads.mask_pooler = L(ROIPooler)(
             output_size=resolution or 14,
             scales=tuple(1.0 / s.stride for s in shapes.values()),
-            sampling_ratio=0,
+            sampling_ratio=1,  # one sample per bin: the crops of the heads that crop themselves
             pooler_type="ROIAlignV2",
         )
     elif resolution is not None:

@@ -2,7 +2,8 @@
 # detectron2's mask_rcnn_fpn with a slim R-18 (32-64-128-256 channels, BatchNorm) from scratch,
 # a 64-channel FPN, smaller RPN / ROI batches, crop-and-resize poolers, PartialROIHeads (at most
 # 16 mask-training proposals per image), 256 px shapes images, AdamW at 1e-3 for 3000 iterations
-# then 1e-4 for 600. The same network as the YAML configs: same parameters, same losses.
+# then 1e-4 for 600, PreciseBN before each evaluation. The same network as the YAML configs:
+# same parameters, same losses.
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
@@ -67,6 +68,9 @@ train.eval_period = 900
 train.checkpointer.period = 900
 train.output_dir = "output/lazy/shapes"
 train.device = "auto"  # the GPU where there is one, else the CPU (these configs run on both)
+# Every BatchNorm is evaluated with statistics recomputed on 100 training batches, so no head's
+# numbers depend on its BN momentum (as Base-Shapes.yaml's TEST.PRECISE_BN).
+train.precise_bn = dict(enabled=True, num_iter=100)
 
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 0.001

@@ -1,7 +1,8 @@
 # ViTDet's ViT-B Mask R-CNN, 100 epochs on COCO: detectron2's projects/ViTDet/configs/COCO/
 # mask_rcnn_vitdet_b_100ep.py with its LSJ loader (projects/ViTDet/configs/common/
 # coco_loader_lsj.py), which pip installs of detectron2 do not ship, written out here; plus
-# masklab_d2's PartialROIHeads and partial-supervision data pieces (every class with masks).
+# masklab_d2's PartialROIHeads, partial-supervision data pieces (every class with masks) and
+# comparison conventions.
 from functools import partial
 
 import detectron2.data.transforms as T
@@ -15,6 +16,9 @@ from masklab_d2.lazy import partial_roi_heads, partial_supervision
 
 model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
 partial_roi_heads(model)
+# masklab_d2's comparison conventions, as in coco_lsj.py (PreciseBN only acts on BatchNorm,
+# which ViTDet's LN model has none of unless a head brings it).
+model.roi_heads.mask_pooler.sampling_ratio = 1
 
 # Data using LSJ
 image_size = 1024
@@ -43,6 +47,7 @@ train.init_checkpoint = (
     "detectron2://ImageNetPretrained/MAE/mae_pretrain_vit_base.pth?matching_heuristics=True"
 )
 train.output_dir = "output/lazy/vitdet/mask_rcnn_vitdet_b_100ep"
+train.precise_bn = dict(enabled=True, num_iter=200)
 
 # Schedule
 # 100 ep = 184375 iters * 64 images/iter / 118000 images/ep
