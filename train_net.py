@@ -5,6 +5,7 @@
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --resume          # continue an interrupted run
     python train_net.py --config-file ... --num-gpus 8      # multi-GPU, detectron2's launch
+    python train_net.py --config-file configs/lazy/....py key=value   # a LazyConfig, same flags
 
 It is detectron2's DefaultTrainer with the partial-mask dataset mapper, the seen / unseen
 evaluator, an AdamW option, head-only training (MODEL.FREEZE_DETECTOR) and graceful stops
@@ -36,6 +37,8 @@ from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, regi
 from masklab_d2.data.datasets import check_mask_supervision
 from masklab_d2.engine import GracefulStopHook, launch, stop_requested
 from masklab_d2.engine.graceful_stop import EXIT_INTERRUPTED
+from masklab_d2.engine.lazy_train import is_lazy_config
+from masklab_d2.engine.lazy_train import main as lazy_main
 from masklab_d2.evaluation import PartialCOCOEvaluator
 from masklab_d2.modeling import freeze_detector, load_detector_weights
 from masklab_d2.modeling.optim import module_lr_factors
@@ -163,6 +166,8 @@ def setup(args):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return lazy_main(args)  # a LazyConfig .py file (masklab_d2.engine.lazy_train)
     register_coco_datasets(args.coco_dataset)
     cfg = setup(args)
     if args.eval_only:
