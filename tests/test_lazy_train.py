@@ -149,3 +149,46 @@ def test_lazy_device_policy(monkeypatch):
     monkeypatch.setenv("MASKLAB_ALLOW_CPU", "1")
     resolve_device(cfg)
     assert cfg.train.device == "cpu"
+
+
+def test_lazy_training_stops_gracefully_and_resumes(tmp_path, monkeypatch):
+    """A stop requested during iteration 1 (as a signal would) saves that iteration and ends
+    training; --resume continues from iteration 2."""
+    from detectron2.engine import hooks
+
+    from masklab_d2.engine import graceful_stop
+
+    def load(max_iter):
+        path = os.path.join(LAZY, "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.py")
+        cfg = LazyConfig.apply_overrides(
+            LazyConfig.load(path), TINY + [f"train.max_iter={max_iter}"]
+        )
+        cfg.train.output_dir = str(tmp_path)
+        cfg.dataloader.evaluator.dataset_name = cfg.dataloader.test.dataset.names
+        cfg.dataloader.test.dataset = L(first_images)(dataset=cfg.dataloader.test.dataset, count=4)
+        return cfg
+
+    timer_after_step = hooks.IterationTimer.after_step
+
+    def after_step(self):  # the first hook: the stop lands mid-iteration, before the others
+        timer_after_step(self)
+        if self.trainer.iter == 1:
+            graceful_stop.request_stop()
+
+    monkeypatch.setattr(hooks.IterationTimer, "after_step", after_step)
+    try:
+        with pytest.raises(graceful_stop.StopTraining) as stopped:
+            do_train(SimpleNamespace(resume=False), load(max_iter=6))
+    finally:
+        graceful_stop.reset()
+        monkeypatch.undo()
+    assert stopped.value.iteration == 1
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    saved = torch.load(tmp_path / "model_0000001.pth", map_location="cpu", weights_only=False)
+    assert saved["iteration"] == 1
+    assert not (tmp_path / "model_final.pth").exists()
+
+    do_train(SimpleNamespace(resume=True), load(max_iter=3))
+    assert (tmp_path / "model_final.pth").exists()
+    iterations = [m["iteration"] for m in _metrics(tmp_path) if "loss_mask" in m]
+    assert iterations == [1, 2]  # the stopped run's last iteration, then the resumed one
