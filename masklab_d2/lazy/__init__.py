@@ -23,4 +23,18 @@ from .models import (  # noqa: E402
     use_masklab_head,
 )
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "checked_detection_dataset_dicts",
+    "crop_and_resize_poolers",
+    "deformable_box_pooler",
+    "feature_shapes",
+    "hypercolumn_fpn",
+    "hypercolumn_resnet",
+    "mask_class_ids",
+    "partial_roi_heads",
+    "partial_supervision",
+    "use_blendmask_head",
+    "use_deep_marc_head",
+    "use_mask_rcnn_head",
+    "use_masklab_head",
+]

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 from detectron2.config import LazyCall as L
-from detectron2.config import instantiate
+from detectron2.config import get_cfg, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ResNet
 from detectron2.modeling.poolers import ROIPooler
@@ -216,9 +216,7 @@ def hypercolumn_resnet(
     (``res2_out_channels`` defaults to 64 for R-18/34 and 256 otherwise, detectron2's widths),
     and MODEL.BACKBONE.FREEZE_AT.
     """
-    from detectron2.config import get_cfg  # the YAML defaults the builder reads
-
-    cfg = get_cfg()
+    cfg = get_cfg()  # the YAML defaults the builder reads, then these arguments
     add_masklab_config(cfg)
     resnets = cfg.MODEL.RESNETS
     # fmt: off
