@@ -73,6 +73,8 @@ def test_every_head_has_a_lazy_config_per_setting():
 
 @pytest.mark.parametrize("path", LEAVES, ids=_name)
 def test_lazy_config_loads_and_builds(path):
+    if _name(path).startswith("vitdet"):
+        pytest.importorskip("timm", reason="detectron2's ViT needs timm (README: Install)")
     cfg = LazyConfig.load(path)
     assert {"model", "dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg)
     model = instantiate(cfg.model)
