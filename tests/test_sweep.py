@@ -9,6 +9,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -309,7 +310,9 @@ def main(args):
     argv = sys.argv[1:] if __name__ == "__main__" else ["--resume"] * args.resume + args.opts
     with open(os.path.join(out, "calls.txt"), "a") as f:
         f.write(json.dumps({"argv": argv, "omp": os.environ.get("OMP_NUM_THREADS"),
-                            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
+                            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "code": getattr(sys.modules.get("masklab_d2"), "__file__", None)})
+                + "\n")
     for i in range(80):
         print("log line", i)
     if kv.get("FAKE.FAIL") == "1":
@@ -573,10 +576,13 @@ def test_a_job_dying_outside_the_run_is_recorded_as_failed(tmp_path):
     assert run_state(task.output_dir) == FAILED
 
 
-def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, capsys):
-    """The slurm launcher's code (job array batch, queued marks, polling) with submitit's
-    LocalExecutor standing in for Slurm."""
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, capsys, snapshot):
+    """The slurm launcher's code (job array batch, queued marks, polling, code snapshot) with
+    submitit's LocalExecutor standing in for Slurm."""
     submitit = pytest.importorskip("submitit")
+    if snapshot and shutil.which("rsync") is None:
+        pytest.skip("RsyncSnapshot needs rsync")
     created = {}
 
     class LocalAutoExecutor:
@@ -601,7 +607,7 @@ def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, cap
         tmp_path,
         launcher="slurm",
         parallel=3,
-        extra="slurm: {array_parallelism: 3, snapshot: false}",
+        extra=f"slurm: {{array_parallelism: 3, snapshot: {str(snapshot).lower()}}}",
     )
     assert sweep_tool.main([path, "--no-report", "--filter", "LR=0.1"]) == 0
     out = capsys.readouterr().out
@@ -613,7 +619,11 @@ def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, cap
         assert status["state"] == DONE and status["job_id"] and status["pid"] != os.getpid()
         assert status["fingerprint"] == run_fingerprint(run)
         # Trained in the job's own process (the fake script's main), not in a child of it.
-        assert calls(run.output_dir)[0]["argv"][0] == "OUTPUT_DIR"
+        call = calls(run.output_dir)[0]
+        assert call["argv"][0] == "OUTPUT_DIR"
+        # With the snapshot, the job ran masklab_d2 from the copy taken at submission.
+        code_root = os.path.join(spec.output_root, "code")
+        assert call["code"].startswith(code_root) == snapshot, call["code"]
 
 
 # ------------------------------------------------------------- sweeps that never lie

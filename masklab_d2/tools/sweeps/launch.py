@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -383,6 +384,7 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     # Records stop signals; submitit's handlers stay as the previous ones, called below.
     graceful_stop.install_signal_handlers()
     returncode = 0
+    heartbeat = _Heartbeat(task, status) if main_task else None
     try:
         if distributed.world_size > 1:
             _init_distributed(distributed.local_world_size)
@@ -390,6 +392,7 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     except graceful_stop.StopTraining as stop:
         returncode = EXIT_INTERRUPTED
         if main_task:
+            heartbeat.stop()
             finish_status(task, status, returncode)
         # submitit's handler of that signal: for its preemption / timeout signal, checkpoint(),
         # requeue and exit; for SIGTERM a log line. (Python's SIGINT handler would only raise.)
@@ -402,8 +405,30 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
         raise
     finally:
         if main_task and returncode != EXIT_INTERRUPTED:
+            heartbeat.stop()
             finish_status(task, status, returncode)
     return status
+
+
+class _Heartbeat:
+    """Refreshes the status file's heartbeat from a thread while the job trains in the main
+    one, so that a rerun of the sweep (and its progress) sees the run alive."""
+
+    def __init__(self, task: RunTask, status: Dict[str, Any]):
+        self.path = os.path.join(task.output_dir, STATUS_FILE)
+        self.status = status
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sweep-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(HEARTBEAT_S):
+            write_json_atomic(self.path, dict(self.status, heartbeat=time.time()))
+
+    def stop(self) -> None:
+        """Stops it before the final status is written (which it must not overwrite)."""
+        self.done.set()
+        self.thread.join()
 
 
 try:
@@ -458,7 +483,17 @@ class SubmititLauncher:
             self.executor.update_parameters(**params)
             self.max_in_flight = None  # slurm_array_parallelism throttles the array
             self.env = {}
-            if spec.slurm.get("snapshot", True) and (REPO_ROOT / ".git").exists():
+            snapshot = spec.slurm.get("snapshot")
+            if snapshot is None:  # by default where it can be taken, else said
+                snapshot = (REPO_ROOT / ".git").exists() and shutil.which("rsync") is not None
+                if not snapshot:
+                    logger.warning(
+                        "No code snapshot (needs a git checkout and rsync): queued "
+                        "jobs will run the checkout as it is when they start"
+                    )
+            elif snapshot and shutil.which("rsync") is None:
+                raise SweepError("slurm: {snapshot: true} needs rsync (RsyncSnapshot)")
+            if snapshot:
                 self.snapshot = os.path.join(
                     spec.output_root, "code", time.strftime("%Y%m%d-%H%M%S")
                 )
