@@ -19,7 +19,6 @@ import logging
 import signal
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -31,6 +30,7 @@ from torch import nn
 
 from masklab_d2.config import ALLOW_CPU_ENV, cpu_fallback_allowed
 from masklab_d2.data import register_coco_datasets
+from masklab_d2.modeling import MaskLabCheckpointer
 from masklab_d2.modeling.optim import module_lr_factors
 
 from .graceful_stop import EXIT_INTERRUPTED, GracefulStopHook, stop_requested
@@ -148,7 +148,8 @@ def do_train(args, cfg) -> None:
         logger.warning("train.amp.enabled ignored: mixed precision needs a GPU")
         amp = False
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # MaskLabCheckpointer: also initialises duplicated pretrained blocks (see its docstring).
+    checkpointer = MaskLabCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     precise_bn = cfg.train.get("precise_bn") or {}
     trainer.register_hooks(
         [
@@ -206,7 +207,7 @@ def main(args):
         raise SystemExit(EXIT_INTERRUPTED)
     model = build_model(cfg)
     model = create_ddp_model(model)
-    DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+    MaskLabCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
         cfg.train.init_checkpoint, resume=args.resume
     )
     return do_test(cfg, model)
