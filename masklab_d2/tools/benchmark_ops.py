@@ -1,122 +1,263 @@
-"""Benchmarks the compiled crop ops against torchvision.ops.roi_align.
+"""Benchmarks the compiled crop ops against two baselines, at realistic feature-map sizes.
 
-    python -m masklab_d2.tools.benchmark_ops [--boxes 512] [--channels 256] [--sizes 7 14 41]
-        [--devices cpu cuda] [--markdown out.md]
+    python3 -m masklab_d2.tools.benchmark_ops [--maps fpn shapes 64x64] [--sizes 7 14]
+        [--boxes 512] [--channels 256] [--threads 1 0] [--layouts nchw channels_last]
+        [--devices cpu cuda] [--repeat 7] [--markdown out.md]
 
-Every op produces the same number of samples: roi_align runs with sampling_ratio=1 (one sample
-per output bin), crop_and_resize with one sample per output pixel. "backward" is the backward pass
-alone, for the gradients named in the table: the feature gradient (what roi_align offers), and
-for the crop ops also the geometry gradient (boxes, or the deformable op's offsets, which is how
-it is trained). "/ plain" compares with crop_and_resize computing the same kind of gradients. Times are the median of --repeat runs after a warm-up.
+Maps (``--maps``): ``fpn`` is P2-P5 of an 800x1216 image (200x304 at stride 4 ... 25x38 at
+stride 32), ``shapes`` P2-P5 of the shapes dataset's 256x256 images (64x64 ... 8x8), ``HxW`` a
+map at stride 16; every map is a batch of 2. Each row crops ``--boxes`` boxes spread over the
+image (worst case: all on one level) with one bilinear sample per output pixel for every op.
+
+Ops and baselines, all producing [K, C, S, S] from the same features and boxes:
+
+* ``roi_align``: torchvision's RoIAlign with ``sampling_ratio=1`` (one sample per bin, the same
+  work). Its CPU kernels are serial scalar loops: a weak baseline, shown because detectron2 uses
+  it.
+* ``grid_sample``: what a PyTorch user would write: per image, one ``F.grid_sample`` over all of
+  its boxes' sample grids (parallel, vectorised ATen code; no [K, C, H, W] expansion).
+* ``crop_and_resize``, with gradients to the features, or to features and boxes.
+* ``deformable (G=g)``, gradients to features and offsets, and its baseline ``per-sub-box crops``:
+  the G x G shifted sub-boxes of every box as K * G^2 plain crops of S/G samples in one call,
+  reassembled (what one would write without the deformable op; the offsets get their gradient
+  through the sub-box coordinates).
+
+``--threads``: torch thread counts to run every row with (0 = all cores); with two or more, the
+``scaling`` column is the speed-up over 1 thread divided by the thread count (1.0 = linear).
+Times are min / median / max over ``--repeat`` runs after a warm-up run; "bwd" is the backward
+pass alone (``torch.autograd.grad`` on a retained graph), for the gradients named. ``x best
+baseline`` divides the faster baseline's median by the op's (forward, backward), comparing like
+with like: crop_and_resize (features) against both baselines' feature gradient, the deformable op
+against the per-sub-box crops with the same gradients.
 """
 
 import argparse
+import os
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-from torchvision.ops import roi_align
+import torch.nn.functional as F
 
 from masklab_d2.layers import crop_and_resize, deformable_crop_and_resize
 
+FPN_800x1216 = [(200, 304, 4), (100, 152, 8), (50, 76, 16), (25, 38, 32)]
+SHAPES_256 = [(64, 64, 4), (32, 32, 8), (16, 16, 16), (8, 8, 32)]
 
-def _timed(fn: Callable[[], object], device: str, repeat: int) -> float:
-    """Median wall time of fn() in milliseconds."""
+
+def parse_maps(names: Sequence[str]) -> List[Tuple[int, int, int]]:
+    """--maps entries -> [(height, width, stride)]."""
+    maps = []
+    for name in names:
+        if name == "fpn":
+            maps += FPN_800x1216
+        elif name == "shapes":
+            maps += SHAPES_256
+        else:
+            height, width = (int(v) for v in name.lower().split("x"))
+            maps.append((height, width, 16))
+    return maps
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str, repeat: int) -> Tuple[float, float, float]:
+    """(min, median, max) wall time of fn() in milliseconds, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return min(times), statistics.median(times), max(times)
 
 
-def _forward_backward_times(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    inputs: List[torch.Tensor],
-    device: str,
-    repeat: int,
-) -> Dict[str, float]:
+def grid_sample_crops(features: torch.Tensor, rois: torch.Tensor, scale: float, size: int):
+    """crop_and_resize(aligned=True) inside the map, written with F.grid_sample per image."""
+    height, width = features.shape[-2:]
+    steps = torch.linspace(0, 1, size, device=rois.device, dtype=rois.dtype)
+    x1, y1, x2, y2 = (rois[:, i] * scale - 0.5 for i in range(1, 5))
+    xs = x1[:, None] + (x2 - x1)[:, None] * steps  # [K, S]
+    ys = y1[:, None] + (y2 - y1)[:, None] * steps
+    grid = torch.stack(
+        [
+            (2 * xs / (width - 1) - 1)[:, None, :].expand(-1, size, -1),
+            (2 * ys / (height - 1) - 1)[:, :, None].expand(-1, -1, size),
+        ],
+        dim=-1,
+    )  # [K, S, S, 2]
+    out = features.new_empty(rois.shape[0], features.shape[1], size, size)
+    batch_index = rois[:, 0].long()
+    pieces = []
+    for n in range(features.shape[0]):
+        keep = (batch_index == n).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            continue
+        sampled = F.grid_sample(
+            features[n : n + 1],
+            grid[keep].reshape(1, -1, size, 2).to(features.dtype),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        )  # [1, C, K_n * S, S]
+        pieces.append((keep, sampled[0].unflatten(1, (keep.numel(), size)).transpose(0, 1)))
+    if len(pieces) == 1 and pieces[0][0].numel() == rois.shape[0]:
+        return pieces[0][1]
+    return out.index_put((torch.cat([k for k, _ in pieces]),), torch.cat([p for _, p in pieces]))
+
+
+def sub_box_crops(features, rois, offsets, scale: float, size: int, gamma: float = 0.1):
+    """deformable_crop_and_resize(aligned=True) as K * G^2 plain crops of shifted sub-boxes."""
+    num_boxes, grid = rois.shape[0], offsets.shape[-1]
+    cell = size // grid
+    x1, y1, x2, y2 = (rois[:, i] for i in range(1, 5))
+    width, height = x2 - x1, y2 - y1
+    # Sample i of the S-lattice is at x1 + i w / (S - 1); sub-box g spans samples g*cell ...
+    # g*cell + cell - 1, shifted by gamma * offset * w (all in input pixels).
+    first = torch.arange(grid, device=rois.device, dtype=rois.dtype) * cell
+    span = (cell - 1) / (size - 1) if size > 1 else 0.0
+    start = first / (size - 1) if size > 1 else first * 0 + 0.5
+    sx1 = x1[:, None, None] + width[:, None, None] * start[None, None, :]
+    sy1 = y1[:, None, None] + height[:, None, None] * start[None, :, None]
+    sx1 = sx1 + gamma * offsets[:, 0] * width[:, None, None]
+    sy1 = sy1 + gamma * offsets[:, 1] * height[:, None, None]
+    sx2 = sx1 + width[:, None, None] * span
+    sy2 = sy1 + height[:, None, None] * span
+    index = rois[:, :1, None].expand(-1, grid, grid)
+    sub = torch.stack([index, sx1, sy1, sx2, sy2], dim=-1).reshape(-1, 5)
+    crops = crop_and_resize(features, sub, scale, cell, aligned=True)  # [K*G*G, C, cell, cell]
+    crops = crops.view(num_boxes, grid, grid, -1, cell, cell).permute(0, 3, 1, 4, 2, 5)
+    return crops.reshape(num_boxes, -1, size, size)
+
+
+def _case_times(forward, inputs, device, repeat) -> Dict[str, Tuple[float, float, float]]:
     """inputs[0] is the feature map; every input in the list gets a gradient."""
-    forward_ms = _timed(lambda: forward(*[x.detach() for x in inputs]), device, repeat)
+    forward_ms = timed(lambda: forward(*[x.detach() for x in inputs]), device, repeat)
     leaves = [x.detach().requires_grad_() for x in inputs]
     output = forward(*leaves)
     grad = torch.randn_like(output)
-    backward_ms = _timed(
+    backward_ms = timed(
         lambda: torch.autograd.grad(output, leaves, grad, retain_graph=True), device, repeat
     )
     return {"forward": forward_ms, "backward": backward_ms}
 
 
 def benchmark(
-    device: str, num_boxes: int, channels: int, sizes: List[int], grid: int, repeat: int, seed: int
+    device: str,
+    maps: List[Tuple[int, int, int]],
+    sizes: List[int],
+    num_boxes: int,
+    channels: int,
+    grid: int,
+    threads: List[int],
+    layouts: List[str],
+    repeat: int,
+    seed: int,
+    ops: Sequence[str] = ("roi_align", "grid_sample", "crop", "deformable"),
 ) -> List[Dict[str, object]]:
-    generator = torch.Generator().manual_seed(seed)
-    batch, height, width, stride = 2, 64, 64, 16
-    features = torch.randn(batch, channels, height, width, generator=generator).to(device)
-    xy = torch.rand(num_boxes, 2, generator=generator) * (width * stride * 0.6)
-    wh = torch.rand(num_boxes, 2, generator=generator) * (width * stride * 0.35) + 16
-    batch_index = torch.randint(0, batch, (num_boxes, 1), generator=generator).float()
-    rois = torch.cat([batch_index, xy, xy + wh], dim=1).to(device)
-    scale = 1.0 / stride
+    from torchvision.ops import roi_align
+
     rows = []
-    for size in sizes:
-        cell_grid = grid if size % grid == 0 else 1
-        offsets = (0.1 * torch.randn(num_boxes, 2, cell_grid, cell_grid, generator=generator)).to(
-            device
-        )
-        cases = [
-            (
-                "roi_align (torchvision)",
-                "features",
-                lambda f: roi_align(f, rois, size, scale, 1, True),
-                [features],
-            ),
-            (
-                "crop_and_resize",
-                "features",
-                lambda f: crop_and_resize(f, rois, scale, size),
-                [features],
-            ),
-            (
-                "crop_and_resize",
-                "features + boxes",
-                lambda f, b: crop_and_resize(f, b, scale, size),
-                [features, rois],
-            ),
-            (
-                f"deformable_crop_and_resize (G={cell_grid})",
-                "features + offsets",
-                lambda f, o: deformable_crop_and_resize(f, rois, o, scale, size),
-                [features, offsets],
-            ),
-        ]
-        timings = [
-            (op, grads, _forward_backward_times(fn, inputs, device, repeat))
-            for op, grads, fn, inputs in cases
-        ]
-        baseline = timings[0][2]
-        plain = timings[2][2]  # same gradients as the deformable op: features + geometry
-        for op, grads, t in timings:
-            rows.append(
-                {
-                    "device": device,
-                    "size": f"{size}x{size}",
-                    "op": op,
-                    "gradients": grads,
-                    "forward ms": t["forward"],
-                    "backward ms": t["backward"],
-                    "fwd speedup vs roi_align": baseline["forward"] / t["forward"],
-                    "bwd speedup vs roi_align": baseline["backward"] / t["backward"],
-                    "fwd / plain": t["forward"] / plain["forward"],
-                    "bwd / plain (same grads)": t["backward"] / plain["backward"],
-                }
-            )
+    thread_counts = [t or os.cpu_count() for t in threads] if device == "cpu" else [0]
+    for height, width, stride in maps:
+        generator = torch.Generator().manual_seed(seed)
+        features_nchw = torch.randn(2, channels, height, width, generator=generator).to(device)
+        image_w, image_h = width * stride, height * stride
+        xy = torch.rand(num_boxes, 2, generator=generator) * torch.tensor([image_w, image_h]) * 0.7
+        wh = torch.rand(num_boxes, 2, generator=generator) * torch.tensor([image_w, image_h]) * 0.3
+        batch_index = torch.randint(0, 2, (num_boxes, 1), generator=generator).float()
+        rois = torch.cat([batch_index, xy, xy + wh + stride], dim=1).to(device)
+        scale = 1.0 / stride
+        for size in sizes:
+            cell_grid = grid if size % grid == 0 else 1
+            offsets = 0.1 * torch.randn(num_boxes, 2, cell_grid, cell_grid, generator=generator)
+            offsets = offsets.to(device)
+            for layout in layouts:
+                memory_format = (
+                    torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                )
+                features = features_nchw.contiguous(memory_format=memory_format)
+                cases = []
+                if "roi_align" in ops:
+                    cases.append(
+                        ("roi_align (torchvision)", "features", "baseline",
+                         lambda f: roi_align(f, rois, size, scale, 1, True), [features])
+                    )  # fmt: skip
+                if "grid_sample" in ops:
+                    cases.append(
+                        ("grid_sample (per image)", "features", "baseline",
+                         lambda f: grid_sample_crops(f, rois, scale, size), [features])
+                    )  # fmt: skip
+                if "crop" in ops:
+                    cases += [
+                        ("crop_and_resize", "features", "op",
+                         lambda f: crop_and_resize(f, rois, scale, size, True), [features]),
+                        ("crop_and_resize", "features + boxes", "",
+                         lambda f, b: crop_and_resize(f, b, scale, size, True), [features, rois]),
+                    ]  # fmt: skip
+                if "deformable" in ops:
+                    cases += [
+                        (f"per-sub-box crops (G={cell_grid})", "features + offsets", "dbaseline",
+                         lambda f, o: sub_box_crops(f, rois, o, scale, size), [features, offsets]),
+                        (f"deformable (G={cell_grid})", "features + offsets", "dop",
+                         lambda f, o: deformable_crop_and_resize(
+                             f, rois, o, scale, size, 0.1, True), [features, offsets]),
+                    ]  # fmt: skip
+                single = {}
+                for count in thread_counts:
+                    if device == "cpu":
+                        torch.set_num_threads(count)
+                    timings = [
+                        (op, grads, role, _case_times(fn, inputs, device, repeat))
+                        for op, grads, role, fn, inputs in cases
+                    ]
+                    baseline = {
+                        key: min(
+                            (t[key][1] for _, _, role, t in timings if role == "baseline"),
+                            default=None,
+                        )
+                        for key in ("forward", "backward")
+                    }
+                    deformable_baseline = next(
+                        (t for _, _, role, t in timings if role == "dbaseline"), None
+                    )
+                    for op, grads, role, t in timings:
+                        reference = baseline
+                        if role in ("dop", "dbaseline") and deformable_baseline is not None:
+                            reference = {k: deformable_baseline[k][1] for k in t}
+                        row = {
+                            "device": device,
+                            "threads": count if device == "cpu" else "-",
+                            "map": f"2x{channels}x{height}x{width} /{stride}",
+                            "layout": layout,
+                            "size": f"{size}x{size}",
+                            "op": op,
+                            "gradients": grads,
+                            "fwd ms min/med/max": "/".join(f"{v:.2f}" for v in t["forward"]),
+                            "bwd ms min/med/max": "/".join(f"{v:.2f}" for v in t["backward"]),
+                        }
+                        for key, short in (("forward", "fwd"), ("backward", "bwd")):
+                            best = reference.get(key) if reference else None
+                            row[f"{short} x best baseline"] = (
+                                f"{best / t[key][1]:.2f}" if best and role != "baseline" else ""
+                            )
+                        key = (op, grads)
+                        if count == 1:
+                            single[key] = t
+                        scaling = ""
+                        if count > 1 and key in single:
+                            scaling = "{:.2f} / {:.2f}".format(
+                                single[key]["forward"][1] / t["forward"][1] / count,
+                                single[key]["backward"][1] / t["backward"][1] / count,
+                            )
+                        row["scaling fwd / bwd"] = scaling
+                        rows.append(row)
     return rows
 
 
@@ -125,8 +266,7 @@ def format_table(rows: List[Dict[str, object]]) -> str:
     header = list(rows[0].keys())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(str(v) for v in row.values()) + " |")
     return "\n".join(lines)
 
 
@@ -136,7 +276,8 @@ def main(argv=None):
     )
     parser.add_argument("--boxes", type=int, default=512)
     parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 41])
+    parser.add_argument("--maps", nargs="+", default=["fpn", "shapes"], help="fpn, shapes, HxW")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14])
     parser.add_argument(
         "--grid",
         type=int,
@@ -144,27 +285,51 @@ def main(argv=None):
         help="deformable sub-box grid G (G=1 if it does not divide the size)",
     )
     parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 0], help="CPU thread counts (0 = all)"
+    )
+    parser.add_argument("--layouts", nargs="+", default=["nchw"], choices=["nchw", "channels_last"])
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        default=["roi_align", "grid_sample", "crop", "deformable"],
+        choices=["roi_align", "grid_sample", "crop", "deformable"],
+    )
+    parser.add_argument(
         "--devices", nargs="+", default=None, help="default: cpu, plus cuda if available"
     )
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    previous_threads = torch.get_num_threads()
     rows = []
-    for device in devices:
-        rows += benchmark(
-            device, args.boxes, args.channels, args.sizes, args.grid, args.repeat, args.seed
-        )
+    try:
+        for device in devices:
+            rows += benchmark(
+                device,
+                parse_maps(args.maps),
+                args.sizes,
+                args.boxes,
+                args.channels,
+                args.grid,
+                args.threads,
+                args.layouts,
+                args.repeat,
+                args.seed,
+                args.ops,
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
     table = format_table(rows)
-    threads = torch.get_num_threads()
     header = (
-        f"{args.boxes} boxes, {args.channels} channels, 2x{args.channels}x64x64 features (stride 16), "
-        f"{threads} CPU threads, torch {torch.__version__}"
+        f"{args.boxes} boxes per map (batch of 2), {args.channels} channels, float32, one sample "
+        f"per output pixel; {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        f"min/median/max of {args.repeat} runs after a warm-up"
     )
-    if torch.cuda.is_available():
-        header += f", {torch.cuda.get_device_name()}"
+    if "cuda" in devices:
+        header += f"; {torch.cuda.get_device_name()}"
     print(header)
     print(table)
     if args.markdown:

@@ -1,0 +1,75 @@
+"""Smoke tests of the op tools: the benchmark (tiny sizes, no timing claims) and gpu_check's
+parts that run without a GPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from masklab_d2.tools import benchmark_ops, gpu_check
+
+
+def test_benchmark_baselines_compute_the_same_crops():
+    """The grid_sample and per-sub-box baselines equal the ops they stand in for (inside the
+    map, where the conventions agree), so the table compares equal work."""
+    g = torch.Generator().manual_seed(50)
+    features = torch.randn(2, 3, 20, 24, generator=g, dtype=torch.float64)
+    xy = torch.rand(6, 2, generator=g, dtype=torch.float64) * 20 + 4
+    rois = torch.cat([torch.tensor([[0.0], [1], [0], [1], [1], [0]]), xy, xy + 12], dim=1)
+    crops = benchmark_ops.grid_sample_crops(features, rois, 0.5, 7)
+    from masklab_d2.layers import crop_and_resize, deformable_crop_and_resize
+
+    torch.testing.assert_close(crops, crop_and_resize(features, rois, 0.5, 7, True))
+    offsets = 0.3 * torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        benchmark_ops.sub_box_crops(features, rois, offsets, 0.5, 6),
+        deformable_crop_and_resize(features, rois, offsets, 0.5, 6, 0.1, True),
+    )
+
+
+def test_benchmark_runs_and_prints_a_table(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    benchmark_ops.main(
+        ["--maps", "12x10", "8x6", "--sizes", "4", "--boxes", "5", "--channels", "3",
+         "--grid", "2", "--threads", "1", "2", "--repeat", "1", "--devices", "cpu",
+         "--layouts", "nchw", "channels_last", "--markdown", str(out)]
+    )  # fmt: skip
+    table = out.read_text()
+    assert "| device | threads | map |" in capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| cpu |")]
+    # 2 maps x 2 layouts x 2 thread counts x 6 cases
+    assert len(rows) == 2 * 2 * 2 * 6
+    assert any("per-sub-box crops (G=2)" in row for row in rows)
+    assert any("grid_sample (per image)" in row for row in rows)
+    assert "| 2x3x8x6 /16 |" in table and "| 2 | 2x3x12x10 /16 | channels_last |" in table
+    assert benchmark_ops.parse_maps(["fpn", "shapes"])[0] == (200, 304, 4)
+    assert benchmark_ops.parse_maps(["shapes"])[-1] == (8, 8, 32)
+
+
+def test_gpu_check_fails_clearly_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu_check would run for real")
+    result = subprocess.run(
+        [sys.executable, "-m", "masklab_d2.tools.gpu_check", "--out", str(tmp_path / "gc")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "no CUDA device is visible" in result.stderr
+
+
+def test_gpu_check_junit_table(tmp_path):
+    xml = tmp_path / "t.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_ops_cuda" name="test_a" time="0.5"/>'
+        '<testcase classname="tests.test_ops_cuda" name="test_b" time="1.0">'
+        '<failure message="boom"/></testcase>'
+        '<testcase classname="tests.test_ops" name="test_c" time="0"><skipped message="no GPU"/>'
+        "</testcase></testsuite></testsuites>"
+    )
+    table = gpu_check._junit_table(str(xml)).splitlines()
+    assert table[2] == "| test_ops_cuda::test_b | FAILED | 1.00 |"  # failures first
+    assert "| test_ops_cuda::test_a | passed | 0.50 |" in table
+    assert "| test_ops::test_c | skipped: no GPU | 0.00 |" in table
