@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from masklab_d2.layers import crop_and_resize
+from masklab_d2.layers.crop_and_resize import lattice_rois
 from masklab_d2.layers.masklab import (
     CoarseMaskFusion,
     DirectionBinning,
     dense_targets,
     direction_pool,
-    lattice_rois,
 )
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")

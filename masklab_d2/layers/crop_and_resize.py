@@ -108,6 +108,24 @@ class CropAndResize(nn.Module):
         return f"crop_size={self.crop_size}, spatial_scale={self.spatial_scale}, aligned={self.aligned}"
 
 
+def lattice_rois(boxes: torch.Tensor, batch_index: torch.Tensor, size: int) -> torch.Tensor:
+    """[K, 5] rois whose crop_and_resize samples lie on the box's S x S bin centres.
+
+    With ``aligned=True`` the crop of these rois is RoIAlign(aligned=True, sampling_ratio=1) of
+    the boxes (bin centres, half-pixel aligned, the same border rule).
+
+    crop_and_resize puts its first and last samples on the box edges; shrinking the box by half
+    a bin on each side moves them to the bin centres, the lattice detectron2 pastes masks with.
+
+    Args:
+        boxes: [K, 4] (x1, y1, x2, y2) in input pixels.
+        batch_index: [K] image index of each box.
+    """
+    half_bin = (boxes[:, 2:] - boxes[:, :2]) / (2 * size)
+    shrunk = torch.cat([boxes[:, :2] + half_bin, boxes[:, 2:] - half_bin], dim=1)
+    return torch.cat([batch_index[:, None].to(boxes.dtype), shrunk], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure-PyTorch reference (F.grid_sample), the ground truth the compiled kernels are tested against.
 

@@ -109,21 +109,6 @@ def direction_pool(direction_crops: torch.Tensor, template: torch.Tensor) -> tor
     return torch.gather(direction_crops, 1, index)
 
 
-def lattice_rois(boxes: torch.Tensor, batch_index: torch.Tensor, size: int) -> torch.Tensor:
-    """[K, 5] rois whose crop_and_resize samples lie on the box's S x S bin centres.
-
-    crop_and_resize puts its first and last samples on the box edges; shrinking the box by half
-    a bin on each side moves them to the bin centres, the lattice detectron2 pastes masks with.
-
-    Args:
-        boxes: [K, 4] (x1, y1, x2, y2) in input pixels.
-        batch_index: [K] image index of each box.
-    """
-    half_bin = (boxes[:, 2:] - boxes[:, :2]) / (2 * size)
-    shrunk = torch.cat([boxes[:, :2] + half_bin, boxes[:, 2:] - half_bin], dim=1)
-    return torch.cat([batch_index[:, None].to(boxes.dtype), shrunk], dim=1)
-
-
 class SemanticDirectionBranch(nn.Module):
     """Dense branch: input maps -> "top" feature map -> semantic and direction logits (1x1 convs).
 
@@ -309,7 +294,7 @@ def crop_semantic_channels(
 
     Args:
         semantic_logits: [N, K + 1, h, w].
-        rois: [R, 5] lattice rois (:func:`lattice_rois`).
+        rois: [R, 5] lattice rois (:func:`~masklab_d2.layers.crop_and_resize.lattice_rois`).
         classes: [R] int64 class of each roi.
 
     Returns:

@@ -32,7 +32,7 @@ from detectron2.structures import BitMasks, Instances, PolygonMasks
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from masklab_d2.layers import crop_and_resize
+from masklab_d2.layers.crop_and_resize import crop_and_resize, lattice_rois
 from masklab_d2.layers.masklab import (
     CoarseMaskFusion,
     DirectionBinning,
@@ -41,7 +41,6 @@ from masklab_d2.layers.masklab import (
     crop_semantic_channels,
     dense_targets,
     direction_pool,
-    lattice_rois,
     select_semantic_classes,
 )
 

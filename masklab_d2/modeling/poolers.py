@@ -20,9 +20,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
-from masklab_d2.layers import crop_and_resize
+from masklab_d2.layers.crop_and_resize import crop_and_resize, lattice_rois
 from masklab_d2.layers.deformable_pooling import DeformableCropAndResizePool, SubBoxOffsetNet
-from masklab_d2.layers.masklab import lattice_rois
 
 CROP_POOLER_TYPES = ("CropAndResize", "DeformableCropAndResize")
 
