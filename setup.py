@@ -102,8 +102,8 @@ def find_cuda_home():
         if wanted and version and version[0] != wanted[0]:
             print(
                 f"masklab_d2: CUDA_HOME={explicit[0]} is CUDA {version[0]}.{version[1]} but torch "
-                f"was built with CUDA {TORCH_CUDA}; torch will refuse this toolkit. Point CUDA_HOME "
-                f"at a CUDA {wanted[0]}.x toolkit or set MASKLAB_CPU_ONLY=1.",
+                f"was built with CUDA {TORCH_CUDA}; torch will refuse this toolkit. Point "
+                f"CUDA_HOME at a CUDA {wanted[0]}.x toolkit or set MASKLAB_CPU_ONLY=1.",
                 file=sys.stderr,
             )
         return explicit[0]

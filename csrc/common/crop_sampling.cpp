@@ -166,8 +166,12 @@ std::tuple<at::Tensor, at::Tensor> position_gradients_to_box_and_offsets(
     const int64_t grid = offsets.size(2);
     const int64_t cell_h = spec.out_h / grid;
     const int64_t cell_w = spec.out_w / grid;
-    const auto expand = [&](const at::Tensor& per_cell) {  // [K, G, G] -> [K, out_h, out_w]
-      return per_cell.repeat_interleave(cell_h, 1).repeat_interleave(cell_w, 2);
+    // [K, G, G] -> [K, out_h, out_w] by a broadcast view (repeat_interleave may read its repeat
+    // count back to the host, a sync on CUDA).
+    const auto expand = [&](const at::Tensor& per_cell) {
+      return per_cell.reshape({num_boxes, grid, 1, grid, 1})
+          .expand({num_boxes, grid, cell_h, grid, cell_w})
+          .reshape({num_boxes, spec.out_h, spec.out_w});
     };
     const auto offsets_cast = offsets.to(options.dtype());
     shift_x = spec.gamma * expand(offsets_cast.select(1, 0));

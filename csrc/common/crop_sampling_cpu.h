@@ -6,8 +6,8 @@
 //     so the interpolation vectorises over channels. Used when the features already are
 //     channels-last (the fast path), or after a copy when the crops touch a large part of the map.
 //   * NCHW, read in place: a scalar gather per (channel, sample). Used for contiguous NCHW features
-//     when the crops' samples are few against the map's pixels, where a whole-map channels-last
-//     copy would cost more than the crops (FPN's P2 level: most of the forward time).
+//     when the crops' samples are few against the map's pixels (see kNchwSampleFraction), where a
+//     whole-map channels-last copy would cost more than the crops themselves.
 // The forward and the position gradient are parallel over boxes, each box written by one thread.
 // The feature gradient is parallel over (image, channel block) items, each owning that slice of
 // the gradient and walking its boxes in a fixed order: no atomics, and the same bits for any
@@ -76,10 +76,14 @@ constexpr int64_t kMinGradBlock = 8;
 enum class Layout { kChannelsLast, kNchw, kCopyToChannelsLast };
 
 // Read NCHW in place when the crops' samples number at most this fraction of the map's pixels.
-// The channels-last copy moves N*H*W*C elements once; the NCHW gather pays a scalar, strided
-// read per sample and channel instead of a vectorised one. Measured on a 2-core x86 CPU (fp32,
-// 256 channels, 7x7 and 14x14 crops on 64x64 to 200x304 maps): break-even between 1/2 and 1.
-constexpr double kNchwSampleFraction = 0.5;
+// The channels-last copy streams the map once (about 8 bytes per element: read and write); the
+// NCHW gather then saves it, but each sample reads two rows' cache lines in every channel plane
+// for 4 useful values (about 128 bytes per sample and channel, against about 16 channels-last),
+// so the gather only wins for sparse crops: K * S^2 below roughly 8 / 112 of N * H * W. A
+// 1-thread check on a busy 2-core machine agreed (P2 of 800x1216, 512 boxes, 7x7, ratio 0.21:
+// the gather took about 1.8x the copy plus the channels-last kernel). Sparse crops are common:
+// a mask head at test time, with tens of detections, on FPN's large levels.
+constexpr double kNchwSampleFraction = 1.0 / 16;
 
 inline Layout choose_layout(const at::Tensor& features, int64_t num_boxes, int64_t num_samples) {
   if (features.is_contiguous(at::MemoryFormat::ChannelsLast)) {
@@ -108,7 +112,8 @@ inline const char* layout_name(Layout layout) {
 // images with more boxes than others), at most kTransposeBlock, at least kMinGradBlock (or C).
 inline int64_t gradient_channel_block(int64_t batch_size, int64_t channels) {
   const int64_t items_wanted = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t blocks_per_image = std::max<int64_t>(1, (items_wanted + batch_size - 1) / batch_size);
+  const int64_t blocks_per_image =
+      std::max<int64_t>(1, (items_wanted + batch_size - 1) / batch_size);
   int64_t block = (channels + blocks_per_image - 1) / blocks_per_image;
   block = (block + kMinGradBlock - 1) / kMinGradBlock * kMinGradBlock;
   return std::max<int64_t>(1, std::min({block, kTransposeBlock, std::max(channels, int64_t(1))}));

@@ -68,7 +68,8 @@ def check_cuda_arches(
         raise ImportError(
             f"masklab_d2._C has no CUDA kernels for {gpus}: it was built for "
             f"TORCH_CUDA_ARCH_LIST={arch_list!r}. Rebuild from the repository root with\n"
-            f'    TORCH_CUDA_ARCH_LIST="{needed}" python3 -m pip install --no-build-isolation -e .\n'
+            f'    TORCH_CUDA_ARCH_LIST="{needed}" '
+            "python3 -m pip install --no-build-isolation -e .\n"
             "(or set MASKLAB_SKIP_ARCH_CHECK=1 to use the ops on the CPU only)."
         )
 
