@@ -124,9 +124,12 @@ def test_empty_inputs():
     out.sum().backward()
     assert torch.equal(features.grad, torch.zeros_like(features))
     offsets = torch.zeros(0, 2, 7, 7, requires_grad=True)
+    features.grad = None
     out = deformable_crop_and_resize(features, rois.detach(), offsets, 1.0, 7)
     assert out.shape == (0, 3, 7, 7)
     out.sum().backward()
+    assert torch.equal(features.grad, torch.zeros_like(features))
+    assert offsets.grad is not None and offsets.grad.shape == (0, 2, 7, 7)
 
 
 def _with_batch_index(batch_index, coordinates):

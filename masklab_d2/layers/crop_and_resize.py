@@ -63,7 +63,9 @@ def crop_and_resize(
     """Crops boxes out of feature maps and resizes them bilinearly (compiled op).
 
     Args:
-        features: [N, C, H, W] feature maps, any float dtype, any memory format.
+        features: [N, C, H, W] feature maps, any float dtype, any memory format; channels-last
+            is the CPU fast path (NCHW maps are copied to channels-last once per call unless
+            the crops are sparse against the map).
         boxes: [K, 5] (batch_index, x1, y1, x2, y2) in input pixels, or a list of N [K_i, 4]
             tensors. x1 > x2 (or y1 > y2) flips the crop.
         spatial_scale: feature-map size / input size, e.g. 1/8 for a stride-8 map.
