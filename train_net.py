@@ -17,9 +17,9 @@ the current iteration, a checkpoint of it is saved and the process exits with st
 import logging
 import os
 import signal
+import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
@@ -40,7 +40,7 @@ from masklab_d2.engine.graceful_stop import EXIT_INTERRUPTED
 from masklab_d2.engine.lazy_train import is_lazy_config
 from masklab_d2.engine.lazy_train import main as lazy_main
 from masklab_d2.evaluation import PartialCOCOEvaluator
-from masklab_d2.modeling import freeze_detector, load_detector_weights
+from masklab_d2.modeling import MaskLabCheckpointer, freeze_detector, load_detector_weights
 from masklab_d2.modeling.optim import module_lr_factors
 
 logger = logging.getLogger("masklab_d2")
@@ -138,9 +138,15 @@ class Trainer(DefaultTrainer):
         )
 
     def build_hooks(self):
-        # Last, so that the iteration it saves on a stop is complete (scheduler step included).
-        # No checkpointer given: it saves with self.checkpointer as it is at the stop (replaced
-        # in __init__ after this runs).
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; swap it
+        # for MaskLabCheckpointer first, so the periodic checkpointer, resume_or_load and the
+        # stop hook all use it. It also initialises duplicated pretrained blocks (MaskLab's res5
+        # box classifier) from an ImageNet checkpoint, where detectron2's matching stops.
+        self.checkpointer = MaskLabCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        # The stop hook last, so that the iteration it saves on a stop is complete (scheduler
+        # step included).
         return super().build_hooks() + [GracefulStopHook()]
 
     def resume_or_load(self, resume=True):
@@ -177,7 +183,7 @@ def main(args):
         if stop_requested() is not None:
             raise SystemExit(EXIT_INTERRUPTED)
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        MaskLabCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)

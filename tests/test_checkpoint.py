@@ -84,3 +84,18 @@ def test_coco_config_starts_from_an_imagenet_checkpoint(config, tmp_path):
         assert torch.equal(loaded[key], torch.from_numpy(conv)), key
     if cfg.MODEL.ROI_BOX_HEAD.NAME == "Res5BoxHead":
         assert len(copies) == 2
+
+
+@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed")
+def test_train_net_saves_and_loads_through_masklab_checkpointer(tmp_path):
+    from detectron2.engine import hooks
+    from helpers import tiny_cfg
+
+    import train_net
+    from masklab_d2.modeling import MaskLabCheckpointer
+
+    cfg = tiny_cfg("shapes/mask_rcnn_R_18_FPN.yaml", OUTPUT_DIR=str(tmp_path))
+    trainer = train_net.Trainer(cfg)
+    assert isinstance(trainer.checkpointer, MaskLabCheckpointer)
+    periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
+    assert periodic and periodic[0].checkpointer is trainer.checkpointer
