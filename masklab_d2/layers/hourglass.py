@@ -163,9 +163,10 @@ def get_norm(
     """Builds the normalisation layer for ``channels`` feature maps.
 
     Args:
-        norm: "BN" (SingleValueSafeBatchNorm2d), "SyncBN" (SingleValueSafeSyncBatchNorm), "GN" (GroupNorm with
-            32 groups, or the largest divisor of ``channels`` below 32), or ""/"none"/None for no
-            normalisation (nn.Identity; the preceding convolution then gets a bias).
+        norm: "BN" (SingleValueSafeBatchNorm2d), "SyncBN" (SingleValueSafeSyncBatchNorm), "GN"
+            (GroupNorm with 32 groups, or the largest divisor of ``channels`` below 32), or
+            ""/"none"/None for no normalisation (nn.Identity; the preceding convolution then
+            gets a bias).
         channels: number of channels C of the [R, C, H, W] input.
         bn_momentum: PyTorch-convention BN momentum (= 1 - Keras momentum). The default 0.9 is the
             hourglass's Keras momentum 0.1.

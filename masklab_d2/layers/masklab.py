@@ -193,7 +193,7 @@ class SemanticDirectionBranch(nn.Module):
     def forward(
         self, features: List[torch.Tensor]
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Input maps (list, fine to coarse) -> (semantic [N, C_sem, h, w], direction [N, D*B, h, w]).
+        """Input maps (fine to coarse) -> (semantic [N, C_sem, h, w], direction [N, D*B, h, w]).
 
         A logit map whose conv was not built is None.
         """

@@ -17,7 +17,7 @@ one for the backbone, and both copies start from the checkpoint. Checkpoints tha
 the model's own names (anything detectron2 or this project wrote) are loaded unchanged.
 """
 
-from typing import Dict
+from typing import Dict, List
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
@@ -26,7 +26,7 @@ from torch import nn
 __all__ = ["MaskLabCheckpointer", "add_pretrained_aliases"]
 
 
-def add_pretrained_aliases(model: nn.Module, checkpoint_state: Dict[str, object]) -> int:
+def add_pretrained_aliases(model: nn.Module, checkpoint_state: Dict[str, object]) -> List[str]:
     """Copies pretrained-checkpoint keys to the modules that declare them as their source.
 
     Args:
@@ -35,18 +35,21 @@ def add_pretrained_aliases(model: nn.Module, checkpoint_state: Dict[str, object]
             values; updated in place.
 
     Returns:
-        The number of keys added.
+        "target <- prefix" for each declared source that received keys.
     """
-    added = 0
+    aliased = []
     for module_name, module in model.named_modules():
         for child, prefix in getattr(module, "pretrained_sources", {}).items():
             target = f"{module_name}.{child}" if module_name else child
+            added = 0
             for key in [k for k in checkpoint_state if k.startswith(prefix + ".")]:
                 alias = target + key[len(prefix) :]
                 if alias not in checkpoint_state:
                     checkpoint_state[alias] = checkpoint_state[key]
                     added += 1
-    return added
+            if added:
+                aliased.append(f"{target} <- {prefix}")
+    return aliased
 
 
 class MaskLabCheckpointer(DetectionCheckpointer):
@@ -61,14 +64,10 @@ class MaskLabCheckpointer(DetectionCheckpointer):
                 # are added under detectron2's names.
                 state, _ = convert_c2_detectron_names(state)
                 checkpoint["__author__"] = "Caffe2 (renamed by masklab_d2)"
-            if add_pretrained_aliases(self.model, state):
+            aliased = add_pretrained_aliases(self.model, state)
+            if aliased:
                 self.logger.info(
-                    "Initialising duplicated blocks from the checkpoint: "
-                    + ", ".join(
-                        f"{name}.{child} <- {prefix}"
-                        for name, module in self.model.named_modules()
-                        for child, prefix in getattr(module, "pretrained_sources", {}).items()
-                    )
+                    "Initialising duplicated blocks from the checkpoint: " + ", ".join(aliased)
                 )
             checkpoint["model"] = state
         return super()._load_model(checkpoint)

@@ -35,7 +35,7 @@ from tabulate import tabulate
 from masklab_d2.config import load_config
 from masklab_d2.data import PartialMaskDatasetMapper
 from masklab_d2.evaluation import PartialCOCOEvaluator
-from masklab_d2.modeling import MaskLabCheckpointer
+from masklab_d2.modeling import MaskLabCheckpointer, freeze_detector
 
 logger = logging.getLogger("masklab_d2.precise_bn_eval")
 
@@ -79,10 +79,7 @@ def precise_bn_comparison(cfg, weights: str, num_iter: int) -> List[Dict[str, ob
     model = build_model(cfg)
     MaskLabCheckpointer(model).load(weights)
     if cfg.MODEL.FREEZE_DETECTOR:
-        # As trained: a head-only run's detector is frozen, its BN layers too.
-        from masklab_d2.modeling import freeze_detector
-
-        freeze_detector(model)
+        freeze_detector(model)  # as trained: a head-only run's detector BN layers are frozen
     rows = []
     model.eval()
     for dataset_name in cfg.DATASETS.TEST:
