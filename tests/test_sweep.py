@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -20,7 +21,7 @@ from PIL import Image
 from masklab_d2.tools.sweeps import cli as sweep_tool
 from masklab_d2.tools.sweeps import launch, state
 from masklab_d2.tools.sweeps.cli import plan
-from masklab_d2.tools.sweeps.fingerprint import run_fingerprint
+from masklab_d2.tools.sweeps.fingerprint import run_fingerprint, training_code_digest
 from masklab_d2.tools.sweeps.report import training_time_s, write_report
 from masklab_d2.tools.sweeps.spec import (
     Run,
@@ -68,6 +69,7 @@ GRID = f"""
     cells:
       - {{head: masklab, MODEL.MASKLAB.NUM_DIRECTIONS: 4}}
       - {{name: no refine!, head: masklab, opts: {{MODEL.MASKLAB.HYPERCOLUMN_FEATURES: []}}}}
+      - {{head: mask_rcnn, MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES: True, seeds: [1, 2, 3]}}
     seeds: [0, 1]
     opts: {{SOLVER.MAX_ITER: 10, DATASETS.TEST: ["shapes_tiny_val"]}}
 """
@@ -79,14 +81,21 @@ GRID = f"""
 def test_expansion_grid_groups_cells_and_seeds(tmp_path):
     spec = load_sweep(write_sweep(tmp_path, GRID.replace("OUTPUT_ROOT", str(tmp_path / "out"))))
     runs = expand_runs(spec)
-    assert len(runs) == (2 * 2 + 2) * 2
+    assert len(runs) == (2 * 2 + 2) * 2 + 3
     names = [run.name for run in runs]
-    assert names[:4] == [
+    # Seed by seed across the cells: every cell once before any cell twice.
+    assert names[:3] == [
         "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=0",
-        "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=1",
         "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=128__seed=0",
-        "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=128__seed=1",
+        "head=masklab__ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=0",
     ]
+    gt_crops = "head=mask_rcnn__ROI_MASK_HEAD.TRAIN_ON_GT_BOXES=True"
+    assert [run.seed for run in runs[:7]] == [0] * 6 + [1] and names[6] == gt_crops + "__seed=1"
+    assert names[7] == "head=mask_rcnn__ROI_HEADS.BATCH_SIZE_PER_IMAGE=64__seed=1"
+    assert [n for n in names if n.startswith(gt_crops)] == [
+        f"{gt_crops}__seed={seed}" for seed in (1, 2, 3)
+    ]  # its own seeds
+    assert names[-1] == gt_crops + "__seed=3"
     assert "head=masklab__MASKLAB.NUM_DIRECTIONS=4__seed=1" in names
     assert "no-refine__seed=0" in names  # an explicit name, made safe
     assert len(set(names)) == len(names)
@@ -140,6 +149,17 @@ def test_names_are_stable_safe_and_unique(tmp_path):
     assert all("~" in name for name in first)
 
 
+def test_a_sweep_of_explicit_cells_only_has_no_base_cell(tmp_path):
+    text = f"""
+        base_config: {MASK_RCNN}
+        cells:
+          - {{name: a, SOLVER.BASE_LR: 0.1, seeds: [0, 1]}}
+          - {{name: b, config: {MASKLAB}}}
+    """
+    names = [run.name for run in expand_runs(load_sweep(write_sweep(tmp_path, text)))]
+    assert names == ["a__seed=0", "b__seed=0", "a__seed=1"]
+
+
 def test_default_output_root_and_seed_count(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = load_sweep(
@@ -167,6 +187,8 @@ def test_default_output_root_and_seed_count(tmp_path, monkeypatch):
         ("sedes: [0]", "unknown keys"),
         ("opts: [A, 1, B]", "alternate"),
         ("axes: {X: []}", "non-empty"),
+        ("cells: [{MODEL.MASK_ON: True, seeds: [1, 1]}]", "repeated seeds"),
+        ("table: [AP]", "metric keys"),
     ],
 )
 def test_invalid_sweeps_are_rejected(tmp_path, text, message):
@@ -415,6 +437,12 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
         ("SOLVER.BASE_LR=0.2__seed=1", dict(final=False)),  # interrupted
     ]:
         fake_finished(runs[name].output_dir, run=runs[name], **kwargs)
+    for name, log in [
+        ("SOLVER.BASE_LR=0.1__seed=0", "Total training time: 0:00:08 (0:00:00 on hooks)\n"),
+        ("SOLVER.BASE_LR=0.1__seed=1", "Total training time: 0:00:12 (0:00:00 on hooks)\n"),
+    ]:
+        with open(os.path.join(runs[name].output_dir, "log.txt"), "w") as f:
+            f.write(log)
     bad = runs["bad__seed=0"]
     write_status(bad.output_dir, state=FAILED, returncode=1, fingerprint=run_fingerprint(bad))
 
@@ -424,16 +452,16 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     first = rows[0]
     assert first["state"] == DONE and first["SOLVER.BASE_LR"] == "0.1" and first["iteration"] == "4"
     assert float(first["segm/AP"]) == 30.0 and float(first["segm/seen/AP"]) == 40.0
-    assert (
-        rows[3]["state"] == INTERRUPTED and float(rows[3]["segm/AP"]) == 10.0
-    )  # its latest evaluation
-    assert rows[4]["state"] == FAILED and rows[4]["segm/AP"] == ""
+    by_run = {r["run"]: r for r in rows}
+    interrupted = by_run["SOLVER.BASE_LR=0.2__seed=1"]
+    assert interrupted["state"] == INTERRUPTED and float(interrupted["segm/AP"]) == 10.0  # latest
+    assert by_run["bad__seed=0"]["state"] == FAILED and by_run["bad__seed=0"]["segm/AP"] == ""
 
     table = open(paths["markdown"]).read()
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["cell", "SOLVER.BASE_LR", "FAKE.FAIL", "runs done", "box AP", "mask AP", "mask AP50",
-                      "mask AP75", "seen AP", "unseen AP"]  # fmt: skip
+                      "mask AP75", "seen AP", "unseen AP", "s / iter"]  # fmt: skip
     cells = {
         c.strip("| ").split("|")[0].strip(): [x.strip() for x in c.strip("|").split("|")]
         for c in lines[2:]
@@ -445,7 +473,7 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
         "37.0 ± 2.8",
         "27.0 ± 2.8",
     ]
-    assert cells["SOLVER.BASE_LR=0.1"][8:] == ["42.0 ± 2.8", "11.0 ± 1.4"]
+    assert cells["SOLVER.BASE_LR=0.1"][8:] == ["42.0 ± 2.8", "11.0 ± 1.4", "2.500 ± 0.707"]
     assert cells["SOLVER.BASE_LR=0.2"][3:5] == ["1/2 (1 interrupted)", "21.0"]
     assert cells["SOLVER.BASE_LR=0.2"][8] == "—"
     assert cells["bad"][3] == "0/2 (1 failed, 1 pending)" and cells["bad"][5] == "—"
@@ -454,6 +482,12 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     for name in ("ap_bars", "seen_unseen_mask_ap", "mask_ap_vs_iteration"):
         with Image.open(paths[name]) as image:
             assert image.size[0] > 300 and image.size[1] > 200
+
+    # The sweep's `table` picks the columns.
+    spec = load_sweep(fake_sweep(tmp_path, extra="table: [segm/AP75, segm/unseen/AP]"))
+    table = open(write_report(spec, expand_runs(spec))["markdown"]).read()
+    header = [c.strip() for c in table.split("\n|", 1)[1].split("\n")[0].strip("|").split("|")]
+    assert header[-4:] == ["runs done", "mask AP75", "unseen AP", "s / iter"]
 
 
 # ------------------------------------------------------------------- end to end (detectron2)
@@ -614,7 +648,7 @@ def test_slurm_launcher_path_through_a_local_executor(tmp_path, monkeypatch, cap
     assert out.count("as job") == 2 and "done 2, running 0, failed 0, pending 0 of 2" in out
     assert created["batch"] and created["params"]["slurm_array_parallelism"] == 3
     spec = load_sweep(path)
-    for run in expand_runs(spec)[:2]:
+    for run in [r for r in expand_runs(spec) if "LR=0.1" in r.name]:
         status = json.load(open(os.path.join(run.output_dir, STATUS_FILE)))
         assert status["state"] == DONE and status["job_id"] and status["pid"] != os.getpid()
         assert status["fingerprint"] == run_fingerprint(run)
@@ -655,18 +689,64 @@ def load_run(path, name):
     return next(r for r in expand_runs(load_sweep(path)) if r.name == name)
 
 
-def test_a_changed_commit_makes_runs_stale(tmp_path, monkeypatch):
+def test_changed_training_code_makes_runs_stale_and_a_mere_commit_does_not(tmp_path):
     path = fake_sweep(tmp_path)
     run = load_run(path, "SOLVER.BASE_LR=0.1__seed=0")
     fake_finished(run.output_dir, run=run)
     fingerprint = run_fingerprint(run)
     assert run_state(run.output_dir, fingerprint=fingerprint) == DONE
-    moved = dict(fingerprint, commit="0" * 40)
+    assert run_state(run.output_dir, fingerprint=dict(fingerprint, commit="0" * 40)) == DONE
+    moved = dict(fingerprint, code="0" * 16)
     assert run_state(run.output_dir, fingerprint=moved) == STALE
     assert "code changed" in state.stale_reason(run.output_dir, moved)
+    # A status recorded before code digests is compared by its commit.
+    old = {"config": fingerprint["config"], "commit": fingerprint["commit"]}
+    write_status(run.output_dir, state=DONE, fingerprint=old)
+    assert run_state(run.output_dir, fingerprint=fingerprint) == DONE
+    assert run_state(run.output_dir, fingerprint=dict(fingerprint, commit="0" * 40)) == STALE
     fake_finished(load_run(path, "SOLVER.BASE_LR=0.2__seed=0").output_dir)  # no fingerprint
     other = load_run(path, "SOLVER.BASE_LR=0.2__seed=0")
     assert run_state(other.output_dir, fingerprint=run_fingerprint(other)) == STALE
+
+
+def test_the_code_digest_follows_the_training_code_only(tmp_path):
+    """A sweep spans sittings with commits between them: docs, tests and the tools that drive
+    runs must not make finished runs stale; the code a run executes (committed or not) must."""
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    def write(path, text):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+
+    def digest():
+        training_code_digest.cache_clear()
+        return training_code_digest(str(tmp_path))
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    for path in ("masklab_d2/modeling/head.py", "masklab_d2/tools/sweep.py", "csrc/op.cpp"):
+        write(path, "v1\n")
+    write("README.md", "v1\n")
+    write("train_net.py", "v1\n")
+    git("add", ".")
+    git("commit", "-qm", "v1")
+    first = digest()
+    for path in ("README.md", "masklab_d2/tools/sweep.py", "tests/test_x.py"):
+        write(path, "v2\n")
+        git("add", ".")
+        git("commit", "-qm", path)
+        assert digest() == first, path
+    for path in ("masklab_d2/modeling/head.py", "csrc/op.cpp", "train_net.py"):
+        write(path, "changed\n")  # uncommitted: counts
+        changed = digest()
+        assert changed != first, path
+        git("commit", "-qam", path)
+        assert digest() == changed, path  # committing the same change: the same code
+        first = changed
+    training_code_digest.cache_clear()
 
 
 def test_runs_evaluated_on_several_test_sets_finish_and_report_the_first(tmp_path):

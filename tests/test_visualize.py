@@ -120,7 +120,9 @@ def test_any_head_predictions_and_mask_crops_from_files(tmp_path):
         inputs.append(path)
     out = str(tmp_path / "vis")
     written = visualize.main(
-        ["--config-file", MASK_RCNN, "--output", out, "--top-k", "4", "--input", *inputs] + TINY
+        ["--config-file", MASK_RCNN, "--output", out, "--top-k", "4", "--confidence-threshold", "0"]
+        + ["--input", *inputs]
+        + TINY
     )
     assert sorted(written) == ["shape0", "shape1"]
     assert sorted(os.path.basename(p) for p in written["shape0"]) == [
@@ -137,10 +139,46 @@ def test_any_head_predictions_and_mask_crops_from_files(tmp_path):
     assert crops.shape == (480, 880, 3)
 
 
+def test_confidence_threshold_and_ground_truth_panel(tmp_path):
+    """Dataset images get the ground truth beside the predictions; only detections above the
+    confidence threshold are drawn (the config's SCORE_THRESH_TEST keeps them all here)."""
+    record = DatasetCatalog.get("shapes_tiny_val")[0]
+    cfg = visualize.setup_cfg(MASK_RCNN, TINY)
+    model = visualize.load_model(cfg)
+    image = cv2.imread(record["file_name"])
+    everything = visualize.Prediction(model, cfg, image, confidence_threshold=0.0)
+    scores = everything.raw.scores
+    assert len(everything.order) == len(scores) > 2
+    threshold = float(scores.median())
+    kept = visualize.Prediction(model, cfg, image, confidence_threshold=threshold)
+    assert 0 < len(kept.order) < len(scores)
+    assert all(float(scores[i]) >= threshold for i in kept.order)
+    assert kept.order == [i for i in everything.order if float(scores[i]) >= threshold]
+
+    out = str(tmp_path / "vis")
+    written = visualize.main(
+        ["--config-file", MASK_RCNN, "--output", out, "--dataset", "shapes_tiny_val"]
+        + ["--num-images", "1", "--confidence-threshold", "0"]
+        + TINY
+    )
+    (paths,) = written.values()
+    predictions = next(p for p in paths if p.endswith("_predictions.png"))
+    scale = max(1.0, 640 / max(record["height"], record["width"]))
+    width, height = round(record["width"] * scale), round(record["height"] * scale)
+    pixels = assert_picture(predictions, size=(2 * width + 8, height + 28))
+    # Two different panels: the ground truth (left) is not the predictions (right).
+    left, right = pixels[28:, :width], pixels[28:, width + 8 :]
+    assert np.abs(left - right).mean() > 1.0
+    with pytest.raises(SystemExit, match="confidence-threshold"):
+        visualize.main(["--config-file", MASK_RCNN, "--output", out, "--confidence-threshold", "5"])
+
+
 def test_masklab_maps_and_crops(tmp_path):
     out = str(tmp_path / "vis")
     cfg = visualize.setup_cfg(MASKLAB, TINY)
-    written = visualize.visualize(cfg, out, dataset="shapes_tiny_val", num_images=1, top_k=3)
+    written = visualize.visualize(
+        cfg, out, dataset="shapes_tiny_val", num_images=1, top_k=3, confidence_threshold=0.0
+    )
     (paths,) = written.values()
     names = sorted(os.path.basename(p).split("_", 1)[1] for p in paths)
     assert names == ["mask_crops.png", "masklab.png", "predictions.png"]
@@ -182,7 +220,9 @@ def test_deformable_sub_boxes_use_the_offsets_of_the_final_detections(tmp_path):
         assert torch.allclose(offsets[row], level.last_offsets[0], rtol=1e-4, atol=1e-5), index
 
     out = str(tmp_path / "vis")
-    written = visualize.visualize(cfg, out, dataset="shapes_tiny_val", num_images=1, top_k=4)
+    written = visualize.visualize(
+        cfg, out, dataset="shapes_tiny_val", num_images=1, top_k=4, confidence_threshold=0.0
+    )
     (paths,) = written.values()
     deformable = [p for p in paths if p.endswith("_deformable.png")]
     assert len(deformable) == 1
@@ -195,7 +235,9 @@ def test_blendmask_bases_and_attentions(tmp_path):
         pytest.skip("BlendMaskHead is not registered")
     out = str(tmp_path / "vis")
     cfg = visualize.setup_cfg(BLENDMASK, TINY)
-    written = visualize.visualize(cfg, out, dataset="shapes_tiny_val", num_images=1, top_k=3)
+    written = visualize.visualize(
+        cfg, out, dataset="shapes_tiny_val", num_images=1, top_k=3, confidence_threshold=0.0
+    )
     (paths,) = written.values()
     blendmask = [p for p in paths if p.endswith("_blendmask.png")]
     assert len(blendmask) == 1

@@ -3,14 +3,17 @@
     python -m masklab_d2.tools.visualize --config-file configs/shapes/masklab_R_18_FPN.yaml \\
         --dataset shapes_val --num-images 4 --output vis/ MODEL.WEIGHTS output/model_final.pth
     python -m masklab_d2.tools.visualize --config-file CFG --input a.jpg b.jpg --output vis/ \\
-        MODEL.WEIGHTS path/to/model.pth MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.3
+        --confidence-threshold 0.3 MODEL.WEIGHTS path/to/model.pth
 
 Config options go last (after ``--output``). MODEL.WEIGHTS may name a training output folder
-(its last_checkpoint is loaded); without weights the model keeps its random initialisation (set
-MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 to get detections from it). Runs on the CPU when there is
-no GPU. For every image ``<stem>`` it writes into the output folder:
+(its last_checkpoint is loaded); without weights the model keeps its random initialisation (use
+``--confidence-threshold 0`` and MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0 to see its detections).
+Only detections scoring at least ``--confidence-threshold`` (default 0.5, as detectron2's demo)
+are drawn in any picture. Runs on the CPU when there is no GPU. For every image ``<stem>`` it
+writes into the output folder:
 
-* ``<stem>_predictions.png``: the detections drawn by detectron2's Visualizer.
+* ``<stem>_predictions.png``: the detections drawn by detectron2's Visualizer; for images of a
+  dataset, beside the ground truth (left panel: ground truth, right: predictions).
 * ``<stem>_mask_crops.png`` (every head): the top detections' M x M mask probabilities before
   pasting, under the image patch of their box, with class and score.
 * ``<stem>_masklab.png`` (MaskLabHead): the semantic probability of the top detection's class
@@ -100,20 +103,20 @@ def load_model(cfg) -> torch.nn.Module:
 
 def load_images(
     cfg, inputs: Sequence[str], dataset: Optional[str], num_images: int
-) -> List[Tuple[str, np.ndarray]]:
-    """[(stem, image in cfg.INPUT.FORMAT)] from files, else from a registered dataset."""
+) -> List[Tuple[str, np.ndarray, Optional[dict]]]:
+    """[(stem, image in cfg.INPUT.FORMAT, dataset record or None)] from files, else from a
+    registered dataset (whose records carry the ground truth)."""
     if inputs:
-        paths = list(inputs)
+        records = [{"file_name": p} for p in inputs]
     else:
-        name = dataset or cfg.DATASETS.TEST[0]
-        records = DatasetCatalog.get(name)[:num_images]
-        paths = [record["file_name"] for record in records]
+        records = DatasetCatalog.get(dataset or cfg.DATASETS.TEST[0])[:num_images]
     return [
         (
-            os.path.splitext(os.path.basename(p))[0],
-            detection_utils.read_image(p, format=cfg.INPUT.FORMAT),
+            os.path.splitext(os.path.basename(r["file_name"]))[0],
+            detection_utils.read_image(r["file_name"], format=cfg.INPUT.FORMAT),
+            r if "annotations" in r else None,
         )
-        for p in paths
+        for r in records
     ]
 
 
@@ -133,12 +136,13 @@ class Prediction:
         input_size: (h, w) of the resized network input (boxes of ``raw`` live there).
         raw: detections in input coordinates with ``pred_masks`` [R, 1, M, M] probabilities.
         instances: detections in image coordinates with pasted masks (for the Visualizer).
-        order: detection indices by decreasing score.
+        order: indices of the detections scoring at least the confidence threshold, by
+            decreasing score (the only ones any picture draws).
         features: the backbone's feature maps.
         head: the mask head (its intermediates are from this image).
     """
 
-    def __init__(self, model, cfg, image: np.ndarray):
+    def __init__(self, model, cfg, image: np.ndarray, confidence_threshold: float = 0.0):
         height, width = image.shape[:2]
         augmentation = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         resized = augmentation.get_transform(image).apply_image(image)
@@ -163,7 +167,8 @@ class Prediction:
         self.features = captured["features"]
         self.raw = self.raw.to("cpu")
         self.instances = detector_postprocess(_clone_instances(self.raw), height, width)
-        self.order = torch.argsort(self.raw.scores, descending=True).tolist()
+        order = torch.argsort(self.raw.scores, descending=True).tolist()
+        self.order = [i for i in order if float(self.raw.scores[i]) >= confidence_threshold]
 
     def image_box(self, index: int) -> np.ndarray:
         """Detection ``index``'s box in image pixels."""
@@ -216,14 +221,43 @@ def _axes_grid(rows: int, cols: int, cell: float = 2.2):
     return figure, axes
 
 
-def draw_predictions(prediction: Prediction, metadata, path: str, max_draw: int) -> str:
-    """detectron2's Visualizer drawing of the top ``max_draw`` detections."""
+def _titled(panel: np.ndarray, title: str, height: int = 28) -> np.ndarray:
+    """``panel`` [H, W, 3] uint8 under a white strip with ``title``."""
+    strip = np.full((height, panel.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(strip, title, (6, height - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
+    return np.concatenate([strip, panel], axis=0)
+
+
+def draw_predictions(
+    prediction: Prediction,
+    metadata,
+    path: str,
+    max_draw: int,
+    record: Optional[dict] = None,
+    confidence_threshold: float = 0.0,
+) -> str:
+    """detectron2's Visualizer drawing of the top ``max_draw`` detections (those above the
+    confidence threshold), to the right of the ground truth when ``record`` (a dataset record
+    with "annotations") is given."""
     height, width = prediction.image.shape[:2]
     scale = max(1.0, _MIN_DRAW_SIZE / max(height, width))
-    visualizer = Visualizer(prediction.image, metadata, scale=scale)
     keep = prediction.order[:max_draw]
-    drawn = visualizer.draw_instance_predictions(prediction.instances[keep].to("cpu"))
-    Image.fromarray(drawn.get_image()).save(path)
+    drawn = Visualizer(prediction.image, metadata, scale=scale).draw_instance_predictions(
+        prediction.instances[keep].to("cpu")
+    )
+    picture = drawn.get_image()
+    if record is not None:
+        truth = Visualizer(prediction.image, metadata, scale=scale).draw_dataset_dict(record)
+        gap = np.full((picture.shape[0], 8, 3), 255, dtype=np.uint8)
+        picture = np.concatenate(
+            [
+                _titled(truth.get_image(), f"ground truth ({len(record['annotations'])})"),
+                _titled(gap, ""),
+                _titled(picture, f"predictions, score >= {confidence_threshold:g} ({len(keep)})"),
+            ],
+            axis=1,
+        )
+    Image.fromarray(picture).save(path)
     return path
 
 
@@ -532,6 +566,7 @@ def visualize(
     num_images: int = 4,
     top_k: int = 6,
     max_draw: int = 30,
+    confidence_threshold: float = 0.5,
 ) -> Dict[str, List[str]]:
     """Writes every picture that applies to the model, for each image.
 
@@ -542,6 +577,7 @@ def visualize(
             config's first test dataset).
         top_k: detections shown in the crop pictures (fewer for MaskLab's and the sub-boxes').
         max_draw: detections drawn on the predictions picture.
+        confidence_threshold: detections scoring less are drawn in no picture.
 
     Returns:
         {stem: [paths written]}.
@@ -554,11 +590,18 @@ def visualize(
         str(i) for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     ]
     written: Dict[str, List[str]] = {}
-    for stem, image in load_images(cfg, inputs, dataset, num_images):
-        prediction = Prediction(model, cfg, image)
+    for stem, image, record in load_images(cfg, inputs, dataset, num_images):
+        prediction = Prediction(model, cfg, image, confidence_threshold)
         base = os.path.join(output_dir, stem)
         paths = [
-            draw_predictions(prediction, metadata, f"{base}_predictions.png", max_draw),
+            draw_predictions(
+                prediction,
+                metadata,
+                f"{base}_predictions.png",
+                max_draw,
+                record,
+                confidence_threshold,
+            ),
             (
                 draw_mask_crops(prediction, class_names, f"{base}_mask_crops.png", top_k)
                 if prediction.raw.has("pred_masks")
@@ -602,6 +645,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
         "--max-draw", type=int, default=30, help="detections on the predictions picture"
     )
     parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="draw only detections scoring at least this (detectron2's demo default, 0.5)",
+    )
+    parser.add_argument(
         "--coco-dataset",
         action="append",
         metavar="NAME=JSON:IMAGE_ROOT",
@@ -618,8 +667,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
     inputs, opts = _split_trailing_opts(args.input, list(args.opts))
     register_coco_datasets(args.coco_dataset)
     cfg = setup_cfg(args.config_file, opts)
+    if not 0.0 <= args.confidence_threshold <= 1.0:
+        raise SystemExit(
+            f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}"
+        )
     return visualize(
-        cfg, args.output, inputs, args.dataset, args.num_images, args.top_k, args.max_draw
+        cfg,
+        args.output,
+        inputs,
+        args.dataset,
+        args.num_images,
+        args.top_k,
+        args.max_draw,
+        args.confidence_threshold,
     )
 
 

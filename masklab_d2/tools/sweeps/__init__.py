@@ -17,21 +17,24 @@ A sweep file (YAML) describes the runs::
         mask_rcnn: {config: configs/shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml}
         masklab: {config: configs/shapes-partial/masklab_R_18_FPN_gtcrop.yaml}
       MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE: [64, 128]   # a config key and its values
-    cells:                                          # extra cells beside the grid (optional)
+    cells:                                          # extra cells beside the grid (optional;
+                                                    # without axes, the only cells)
       - {head: masklab, MODEL.MASKLAB.NUM_DIRECTIONS: 4}
       - {name: masklab_no_refine, head: masklab, opts: {MODEL.MASKLAB.HYPERCOLUMN_FEATURES: []}}
+      - {head: mask_rcnn, MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES: False, seeds: [0]}  # own seeds
     seeds: [0, 1]                                   # or a count: 2 (= [0, 1]); default [0]
     opts: {SOLVER.MAX_ITER: 4500}                   # common overrides (mapping or flat list)
     num_gpus: 1                                     # per run (train_net.py --num-gpus; 0: CPU)
     launcher: local                                 # local | slurm | submitit-local
     parallel: 1                                     # local runs at a time, each on its own GPUs
     env: {}                                         # extra environment of every run
+    table: [segm/AP, segm/AP75, segm/seen/AP]       # results.md's metric columns (optional)
     slurm: {partition: gpu, time: 240, cpus: 10, mem: 64, array_parallelism: 32}  # submitit
 
 A group is a mapping with an optional ``config`` (replacing the base config: a head needs several
 keys, so a cell can switch whole config files), optional ``opts`` and any other ``KEY: value``
 overrides. An explicit cell maps axis names to labels (named groups) or config keys to values,
-and may set ``name``, ``config`` and ``opts``. Every run is ``python train_net.py --config-file C
+and may set ``name``, ``config``, ``opts`` and its own ``seeds``. Every run is ``python train_net.py --config-file C
 [--num-gpus n --dist-url auto] [--resume] OUTPUT_DIR <output_root>/<run name> SEED <seed>
 <overrides>`` where the overrides are the common opts, then the axes' in axis order, then the
 explicit cell's.
@@ -41,12 +44,15 @@ A run's name is built from its axis values, e.g. ``head=masklab__MASKLAB.NUM_DIR
 ``-``; a name over 120 characters, or two that would read alike, get ``~`` and a hash of what
 they run), so it is stable across reruns and safe as a folder name.
 
-Rerunning a sweep continues it. A run is **done** when its folder has ``model_final.pth`` and
+Runs launch seed by seed: every cell's first seed, then every cell's second, and so on, so a
+sweep stopped part way has measured each cell once before it measures any twice. Rerunning a
+sweep continues it. A run is **done** when its folder has ``model_final.pth`` and
 its final evaluation and its status file (``sweep_run.json``) records the same fingerprint as
 the sweep computes now: the hash of the merged config (defaults, config files, all overrides)
-and the code's git commit. A done run is skipped; one with another fingerprint (or none) is
-**stale**: reported, and rerun from scratch only with ``--rerun-stale`` (its folder is moved to
-``<run>.stale-<time>``, never deleted). A run with a checkpoint but unfinished (interrupted,
+and a digest of the code a run executes (the package without its tools, csrc/, train_net.py,
+setup.py; committed or not: commits to docs, tests or tools keep runs valid). A done run is
+skipped; one with another fingerprint (or none) is **stale**: reported, and rerun from scratch
+only with ``--rerun-stale`` (its folder is moved to ``<run>.stale-<time>``, never deleted). A run with a checkpoint but unfinished (interrupted,
 preempted, timed out: train_net.py exits with 75 after saving) reruns with ``--resume``; one
 that failed (``sweep_run.json`` holds the return code and the last 50 lines of its log
 ``sweep_run.log``) is retried unless ``--no-retry-failed``. A run whose status file shows a live

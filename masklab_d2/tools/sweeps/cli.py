@@ -255,7 +255,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rerun-stale",
         action="store_true",
-        help="rerun from scratch the runs whose recorded config hash or commit differ from "
+        help="rerun from scratch the runs whose recorded config hash or training code differ from "
         "the sweep's now (their folders are moved to <run>.stale-<time>)",
     )
     parser.add_argument(

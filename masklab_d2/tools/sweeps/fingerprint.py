@@ -1,8 +1,13 @@
-"""A run's fingerprint: the hash of its merged config and the commit of the code that runs it.
+"""A run's fingerprint: the hash of its merged config and of the code that trains it.
 
 The sweep records the fingerprint in each run's status file when it launches the run and
 compares it with the current one on every rerun, so that a changed option, config file or code
-never passes an old result off as the new one's.
+never passes an old result off as the new one's. "The code" is what a run executes
+(:data:`TRAINING_CODE`: the package without its tools, the C++/CUDA sources, train_net.py and
+setup.py), hashed from its files' contents, committed or not; a commit that only
+touches documentation, tests, projects/ or the tools that drive and report runs leaves every
+finished run valid, so a sweep spread over several sittings survives the work done between them.
+The commit itself is recorded too, for the reader.
 """
 
 import functools
@@ -55,32 +60,75 @@ def _config_texts(config_file: str, depth: int = 0) -> List[str]:
     return texts
 
 
+# Paths (relative to the repository) whose contents decide what a run computes; the exclusions
+# are the tools that launch, resume and report runs (they never run inside one).
+TRAINING_CODE = ("masklab_d2", "csrc", "train_net.py", "setup.py")
+TRAINING_CODE_EXCLUDED = ("masklab_d2/tools",)
+
+
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+@functools.lru_cache(maxsize=None)
+def training_code_digest(root: str = str(REPO_ROOT)) -> str:
+    """A hash of the training code's files (:data:`TRAINING_CODE`) as they are on disk: the
+    files git tracks or would track (ignored ones, e.g. build outputs, left out), committed or
+    not, so the same code gives the same digest whether or not it was committed; "unknown"
+    outside a git checkout."""
+    excluded = tuple(path + "/" for path in TRAINING_CODE_EXCLUDED)
+    try:
+        listing = _git(
+            root,
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+            "--",
+            *TRAINING_CODE,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    digest = hashlib.sha1()
+    for path in sorted(set(p for p in listing.split("\0") if p and not p.startswith(excluded))):
+        try:
+            with open(os.path.join(root, path), "rb") as f:
+                content = f.read()
+        except OSError:  # tracked but deleted: absent from the code that runs
+            continue
+        digest.update(path.encode() + b"\0" + hashlib.sha1(content).digest())
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=None)
 def code_version(root: str = str(REPO_ROOT)) -> str:
     """The git commit of the code, with "+dirty.<hash of the diff>" when tracked files differ
     from it; "unknown" outside a git checkout."""
 
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=60
-        ).stdout
-
     try:
-        commit = git("rev-parse", "HEAD").strip()
-        diff = git("diff", "HEAD")
+        commit = _git(root, "rev-parse", "HEAD").strip()
+        diff = _git(root, "diff", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}+dirty.{_sha1(diff)[:8]}" if diff else commit
 
 
 def run_fingerprint(run: Run) -> Dict[str, str]:
-    """{"config": hash of the merged config, "commit": code version} of a run.
+    """{"config": hash of the merged config, "code": training-code digest, "commit": code
+    version (for the reader; not compared)} of a run.
 
     The output folder is left out (a sweep moved with --output-root runs the same thing); the
     seed is in.
     """
     overrides = ["OUTPUT_DIR", "", "SEED", str(run.seed)] + list(run.cell.overrides)
-    return {"config": config_hash(run.cell.config_file, overrides), "commit": code_version()}
+    return {
+        "config": config_hash(run.cell.config_file, overrides),
+        "code": training_code_digest(),
+        "commit": code_version(),
+    }
 
 
 def fingerprints_of(runs: List[Run]) -> Dict[str, Dict[str, str]]:

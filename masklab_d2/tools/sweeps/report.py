@@ -7,10 +7,13 @@ Writes into the sweep's output root:
   metrics of that evaluation (the last record of its metrics.json with "segm/AP", else
   "bbox/AP"; with several test sets, those of the first of DATASETS.TEST). Unfinished and stale
   runs show their latest evaluation, if any, with their state.
-* ``results.md``: one row per cell, mean ± std (sample std) over its finished seeds of box AP,
-  mask AP, mask AP50 / AP75 and, when the evaluator reports them, seen / unseen mask AP. Cells
-  without a finished run show "—" and their runs' states.
-* ``ap_bars.png``: box and mask AP per cell, grouped bars with std error bars;
+* ``results.md``: one row per cell, mean ± std (sample std) over its finished seeds of the
+  sweep's ``table`` metrics (default: box AP, mask AP, mask AP50 / AP75 and, when the evaluator
+  reports them, seen / unseen mask AP) and of the training seconds per iteration; the number of
+  runs done; the sum of the runs' wall times. Cells without a finished run show "—" and their
+  runs' states.
+* ``ap_bars.png``: box and mask AP per cell, grouped bars, with std error bars where a cell has
+  more than one finished seed;
   ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask AP (partially supervised sweeps);
   ``mask_ap_vs_iteration.png``: mask AP of the periodic evaluations, mean over seeds per cell.
 """
@@ -60,7 +63,9 @@ CSV_METRICS = (
     ("segm/nonvoc/AP", "nonvoc AP"),
 )
 TABLE_METRICS = ("bbox/AP", "segm/AP", "segm/AP50", "segm/AP75", "segm/seen/AP", "segm/unseen/AP")
-_HEADERS = dict(CSV_METRICS)
+# Not a metric of metrics.json: training seconds per iteration, from the log (see summarize).
+SECONDS_PER_ITERATION = "s/iter"
+_HEADERS = dict(CSV_METRICS, **{SECONDS_PER_ITERATION: "s / iter"})
 _MISSING = "—"
 _TRAINING_TIME = re.compile(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+):(\d+)")
 
@@ -188,6 +193,14 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             if values:
                 mean, std = _mean_std(values)
                 cell["stats"][key] = (mean, std, len(values))
+        per_iteration = [
+            r["train_time_s"] / r["iteration"]
+            for r in finished
+            if r["train_time_s"] and r["iteration"]
+        ]
+        if per_iteration:
+            mean, std = _mean_std(per_iteration)
+            cell["stats"][SECONDS_PER_ITERATION] = (mean, std, len(per_iteration))
     return list(cells.values())
 
 
@@ -227,13 +240,10 @@ def _runs_cell(cell: Dict[str, Any]) -> str:
 def write_markdown(
     path: str, spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Sequence[str]
 ) -> None:
-    present = [k for k in TABLE_METRICS if any(k in c["stats"] for c in cells)]
+    wanted = list(spec.table or TABLE_METRICS) + [SECONDS_PER_ITERATION]
+    present = [k for k in wanted if any(k in c["stats"] for c in cells)]
     if not present:  # nothing finished yet: still show the headline columns
-        present = [
-            k
-            for k in TABLE_METRICS
-            if not k.startswith("segm/seen") and not k.startswith("segm/unseen")
-        ]
+        present = [k for k in wanted if not k.startswith(("segm/seen", "segm/unseen", "s/"))]
     # Cells named in the sweep file (or without values) are told apart by their name only.
     named = not columns or any(c["cell"] != cell_name(list(c["values"].items())) for c in cells)
     table = []
@@ -243,7 +253,10 @@ def write_markdown(
         for key in present:
             if key in cell["stats"]:
                 mean, std, n = cell["stats"][key]
-                line.append(f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}")
+                digits = 3 if key == SECONDS_PER_ITERATION else 1
+                line.append(
+                    f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+                )
             else:
                 line.append(_MISSING)
         table.append(line)
@@ -255,9 +268,15 @@ def write_markdown(
     with open(path, "w") as f:
         f.write(f"# Sweep {spec.name}\n\n")
         f.write(
-            f"`{spec.path}`, {len(cells)} cells x {len(spec.seeds)} seeds; written {stamp}.\n\n"
+            f"`{spec.path}`, {len(cells)} cells, {sum(c['seeds'] for c in cells)} runs; "
+            f"written {stamp}.\n\n"
         )
-        f.write("COCO AP (%), mean ± std (sample) over the finished seeds of each cell.\n\n")
+        wall = sum(r["wall_time_s"] or 0.0 for c in cells for r in c["rows"])
+        f.write(
+            "COCO AP (%), mean ± std (sample) over the finished seeds of each cell (one value: "
+            f"one seed); training seconds per iteration. Runs' wall time in all: {wall / 3600:.2f} "
+            "h.\n\n"
+        )
         f.write(tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True))
         f.write("\n")
         if missing:
@@ -284,9 +303,17 @@ def plot_bars(path: str, cells: Sequence[Dict[str, Any]], keys: Sequence[str], t
     positions = range(len(cells))
     for index, key in enumerate(keys):
         means = [c["stats"][key][0] if key in c["stats"] else math.nan for c in cells]
-        stds = [c["stats"][key][1] if key in c["stats"] else 0.0 for c in cells]
         offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
-        axes.bar(offsets, means, width, yerr=stds, capsize=3, label=_HEADERS[key])
+        axes.bar(offsets, means, width, label=_HEADERS[key])
+        # Error bars only where there is a spread to show: one seed has none.
+        spread = [
+            (x, c["stats"][key][0], c["stats"][key][1])
+            for x, c in zip(offsets, cells)
+            if key in c["stats"] and c["stats"][key][2] > 1
+        ]
+        if spread:
+            xs, ys, errors = zip(*spread)
+            axes.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="black", capsize=3, elinewidth=1)
     for position, cell in zip(positions, cells):
         if cell["done"] == 0:
             axes.text(

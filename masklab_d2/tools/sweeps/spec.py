@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
-_CELL_RESERVED_KEYS = ("name", "config", "opts")
+_CELL_RESERVED_KEYS = ("name", "config", "opts", "seeds")
 _SPEC_KEYS = (
     "name",
     "base_config",
@@ -33,6 +33,7 @@ _SPEC_KEYS = (
     "slurm",
     "train_script",
     "python",
+    "table",
 )
 _MAX_NAME_LENGTH = 120
 # Friendly names of the `slurm:` settings -> submitit AutoExecutor parameters.
@@ -71,12 +72,14 @@ class Cell:
         values: (column, label) pairs: the axis values that define the cell, for names and tables.
         config_file: absolute path of its config file.
         overrides: flat [KEY, VALUE, ...] config overrides, strings as on a command line.
+        seeds: an explicit cell's own seeds; None: the sweep's.
     """
 
     name: str
     values: Tuple[Tuple[str, str], ...]
     config_file: str
     overrides: Tuple[str, ...]
+    seeds: Optional[Tuple[int, ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,7 @@ class SweepSpec:
     slurm: Dict[str, Any] = dataclasses.field(default_factory=dict)
     train_script: str = ""
     python: str = sys.executable
+    table: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def directory(self) -> str:
@@ -189,13 +193,10 @@ def load_sweep(path: str, output_root: Optional[str] = None) -> SweepSpec:
     cells = raw.get("cells") or []
     if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
         raise SweepError(f"{path}: 'cells' must be a list of mappings")
-    seeds = raw.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise SweepError(f"{path}: 'seeds' must be a non-empty list of integers or a count")
-    if len(set(seeds)) != len(seeds):
-        raise SweepError(f"{path}: repeated seeds {seeds}")
+    seeds = parse_seeds(raw.get("seeds", [0]), path)
+    for index, cell in enumerate(cells):
+        if "seeds" in cell:
+            parse_seeds(cell["seeds"], f"{path}: cells[{index}]")
     launcher = raw.get("launcher", "local")
     if launcher not in LAUNCHERS:
         raise SweepError(f"{path}: launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -228,7 +229,28 @@ def load_sweep(path: str, output_root: Optional[str] = None) -> SweepSpec:
         slurm=slurm,
         train_script=resolve_path(script, sweep_dir),
         python=str(raw.get("python") or sys.executable),
+        table=_table_metrics(raw.get("table"), path),
     )
+
+
+def _table_metrics(table: Any, where: str) -> List[str]:
+    """``table``: the metrics.json keys of results.md's columns (e.g. "segm/AP75"); [] = default."""
+    if table is None:
+        return []
+    if not isinstance(table, list) or not all(isinstance(k, str) and "/" in k for k in table):
+        raise SweepError(f"{where}: 'table' must be a list of metric keys such as segm/AP75")
+    return list(table)
+
+
+def parse_seeds(seeds: Any, where: str) -> List[int]:
+    """``seeds``: a list of distinct integers, or a count n (= [0, ..., n-1])."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise SweepError(f"{where}: 'seeds' must be a non-empty list of integers or a count")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{where}: repeated seeds {seeds}")
+    return seeds
 
 
 def _parse_group(
@@ -305,7 +327,8 @@ def cell_name(values: Sequence[Tuple[str, str]]) -> str:
 
 
 def expand_cells(spec: SweepSpec) -> List[Cell]:
-    """The grid (product of the axes, first axis slowest) followed by the explicit cells.
+    """The grid (product of the axes, first axis slowest) followed by the explicit cells; a
+    sweep without axes has the base config as its one grid cell only when it lists no cells.
 
     An explicit cell equal to a grid cell is dropped; different cells whose names read alike
     get a hash suffix (see :func:`_deduplicate`).
@@ -318,7 +341,9 @@ def expand_cells(spec: SweepSpec) -> List[Cell]:
     axis_names = list(spec.axes)
     # A named-group axis ranges over its labels, a key axis over its values.
     choices = [[(axis, value) for value in spec.axes[axis]] for axis in axis_names]
-    for entries in itertools.product(*choices):
+    # No axes: the grid is the base config alone, unless explicit cells say what to run.
+    grid = itertools.product(*choices) if axis_names or not spec.cells else []
+    for entries in grid:
         cells.append(_make_cell(spec, list(entries), config=None, name=None))
     for index, explicit in enumerate(spec.cells):
         where = f"{spec.path}: cells[{index}]"
@@ -335,7 +360,10 @@ def expand_cells(spec: SweepSpec) -> List[Cell]:
             entries.append(("config", Path(config).stem))
         # The cell's own opts name it too (unless it has a name), so different cells differ.
         entries += _pairs(explicit.get("opts"), where)
-        cells.append(_make_cell(spec, entries, config, explicit.get("name"), where))
+        cell = _make_cell(spec, entries, config, explicit.get("name"), where)
+        if "seeds" in explicit:
+            cell = dataclasses.replace(cell, seeds=tuple(parse_seeds(explicit["seeds"], where)))
+        cells.append(cell)
     return _deduplicate(cells)
 
 
@@ -403,11 +431,17 @@ def _deduplicate(cells: List[Cell]) -> List[Cell]:
 
 
 def expand_runs(spec: SweepSpec) -> List[Run]:
-    """Every (cell, seed) run, cells outer, seeds inner."""
+    """Every (cell, seed) run, in launch order: a cell's seeds in order, seed by seed across
+    the cells (each cell's first seed, then each cell's second, ...), so a sweep stopped part
+    way has every cell measured once before any is measured twice."""
+    cells = expand_cells(spec)
+    seeds_of = [list(cell.seeds) if cell.seeds is not None else list(spec.seeds) for cell in cells]
+    rounds = max(len(seeds) for seeds in seeds_of) if cells else 0
     return [
-        Run(cell, seed, os.path.join(spec.output_root, f"{cell.name}__seed={seed}"))
-        for cell in expand_cells(spec)
-        for seed in spec.seeds
+        Run(cell, seeds[index], os.path.join(spec.output_root, f"{cell.name}__seed={seeds[index]}"))
+        for index in range(rounds)
+        for cell, seeds in zip(cells, seeds_of)
+        if index < len(seeds)
     ]
 
 

@@ -2,7 +2,7 @@
 
 A run is **done** when its folder has ``model_final.pth`` and the final evaluation, and its
 status file (``sweep_run.json``) records the fingerprint of what it ran (the merged config's hash
-and the code commit, :mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the sweep would
+and the training code's digest, :mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the sweep would
 run now. A run whose recorded fingerprint differs, or that has none, is **stale**: it is reported
 and left alone unless ``--rerun-stale``.
 """
@@ -129,7 +129,8 @@ def stale_reason(output_dir: str, fingerprint: Optional[Dict[str, str]]) -> Opti
 
     Args:
         output_dir: a folder holding a run (finished, interrupted or failed).
-        fingerprint: {"config": hash, "commit": commit} of what the sweep would run now; None
+        fingerprint: {"config": hash, "code": digest, "commit": commit} of what the sweep would
+            run now (:func:`~masklab_d2.tools.sweeps.fingerprint.run_fingerprint`); None
             skips the check.
     """
     if fingerprint is None:
@@ -139,9 +140,11 @@ def stale_reason(output_dir: str, fingerprint: Optional[Dict[str, str]]) -> Opti
         return "no fingerprint recorded (run before fingerprints, or not by the sweep)"
     if recorded.get("config") != fingerprint.get("config"):
         return f"config changed ({recorded.get('config')} -> {fingerprint.get('config')})"
-    ran, now = recorded.get("commit"), fingerprint.get("commit")
+    # The training code's digest decides; a run recorded before digests falls back to the commit.
+    key = "code" if "code" in recorded and "code" in fingerprint else "commit"
+    ran, now = recorded.get(key), fingerprint.get(key)
     if ran != now and "unknown" not in (ran, now):
-        return f"code changed ({ran} -> {now})"
+        return f"code changed ({key} {ran} -> {now})"
     return None
 
 
