@@ -22,7 +22,7 @@ from matplotlib.colors import rgb_to_hsv  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from masklab_d2.layers.masklab import DirectionBinning  # noqa: E402
-from masklab_d2.tools import visualize  # noqa: E402
+from masklab_d2.tools import visualize, visualize_heads  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 MASK_RCNN = os.path.join(CONFIGS, "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
@@ -64,11 +64,11 @@ def assert_picture(path, min_std=8.0, size=None):
 def test_sub_boxes_shift_by_gamma_offset_box_size():
     box = np.array([10.0, 20.0, 50.0, 100.0])  # 40 x 80
     offsets = np.zeros((2, 2, 2))
-    plain = visualize.sub_boxes(box, offsets, gamma=0.1)
+    plain = visualize_heads.sub_boxes(box, offsets, gamma=0.1)
     assert plain[0, 0].tolist() == [10, 20, 30, 60] and plain[1, 1].tolist() == [30, 60, 50, 100]
     offsets[0, 0, 1] = 1.0  # sub-box (row 0, column 1) moves right by 0.1 * 40
     offsets[1, 1, 0] = -2.0  # sub-box (row 1, column 0) moves up by 0.2 * 80
-    moved = visualize.sub_boxes(box, offsets, gamma=0.1)
+    moved = visualize_heads.sub_boxes(box, offsets, gamma=0.1)
     assert moved[0, 1].tolist() == [34, 20, 54, 60]
     assert moved[1, 0].tolist() == [10, 44, 30, 84]
     assert np.array_equal(moved[0, 0], plain[0, 0])
@@ -77,11 +77,11 @@ def test_sub_boxes_shift_by_gamma_offset_box_size():
 @pytest.mark.parametrize("num_directions", [4, 8])
 def test_direction_colours_match_the_wheel_and_the_bins(num_directions):
     binning = DirectionBinning(num_directions, 2)
-    wheel = visualize.direction_wheel(num_directions, size=41)
+    wheel = visualize_heads.direction_wheel(num_directions, size=41)
     logits = torch.zeros(num_directions * 2, 1, num_directions)
     for direction in range(num_directions):
         logits[direction * 2 + 1, 0, direction] = 8.0  # pixel d is sure of direction d
-    colors, largest = visualize.direction_colors(logits, num_directions, 2)
+    colors, largest = visualize_heads.direction_colors(logits, num_directions, 2)
     assert largest > 0.9
     for direction in range(num_directions):
         angle = (direction + 0.5) * 2 * math.pi / num_directions
@@ -92,7 +92,7 @@ def test_direction_colours_match_the_wheel_and_the_bins(num_directions):
     hues = rgb_to_hsv(colors[0])[:, 0]
     assert len(set(np.round(hues, 3))) == num_directions
     # An undecided map is dark in absolute terms; relative brightness still shows it.
-    flat, largest = visualize.direction_colors(
+    flat, largest = visualize_heads.direction_colors(
         torch.zeros(num_directions * 2, 3, 3), num_directions, 2, relative=False
     )
     assert largest == 0.0 and flat.max() == 0.0
@@ -208,7 +208,7 @@ def test_deformable_sub_boxes_use_the_offsets_of_the_final_detections(tmp_path):
     prediction.raw = Instances(prediction.input_size, pred_boxes=Boxes(boxes))
     levels = assign_boxes_to_levels([Boxes(boxes)], 2, 5, 224, 4)
     assert len(set(levels.tolist())) > 1  # the boxes span FPN levels
-    offsets, gamma = visualize.deformable_offsets(loaded, prediction, [2, 0, 3, 1])
+    offsets, gamma = visualize_heads.deformable_offsets(loaded, prediction, [2, 0, 3, 1])
     assert gamma == cfg.MODEL.ROI_BOX_HEAD.DEFORMABLE_GAMMA
     pooler = loaded.roi_heads.box_pooler
     features = [prediction.features[f] for f in loaded.roi_heads.box_in_features]

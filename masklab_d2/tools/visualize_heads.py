@@ -1,0 +1,326 @@
+"""The head-specific pictures of :mod:`masklab_d2.tools.visualize`: MaskLab's semantic and
+direction maps and crops, the deformable box pooler's shifted sub-boxes, BlendMask's bases and
+attentions; and the figure helpers every picture uses.
+
+Each ``draw_*`` takes a ``visualize.Prediction`` (the model's outputs and intermediates for one
+image) and returns the path it wrote, or None when the model has nothing of that kind.
+"""
+
+import colorsys
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import hsv_to_rgb  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from masklab_d2.utils.detectron2 import require_detectron2  # noqa: E402
+
+require_detectron2("masklab_d2.tools.visualize")
+
+from detectron2.structures import Boxes  # noqa: E402
+
+from masklab_d2.modeling.poolers import DeformableCropAndResizePooler  # noqa: E402
+
+if TYPE_CHECKING:  # the drawings only read a Prediction; visualize imports this module
+    from masklab_d2.tools.visualize import Prediction
+
+
+# ---------------------------------------------------------------------------- figure helpers
+
+
+def save_figure(figure, path: str) -> str:
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def axes_grid(rows: int, cols: int, cell: float = 2.2):
+    figure, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return figure, axes
+
+
+# --------------------------------------------------------------------------------- drawings
+
+
+def direction_colors(
+    direction_logits: torch.Tensor, num_directions: int, num_bins: int, relative: bool = True
+) -> Tuple[np.ndarray, float]:
+    """[D*B, h, w] direction logits -> ([h, w, 3] RGB, the largest sureness).
+
+    Probabilities (softmax over all D*B channels, as the direction loss) are summed over the
+    distance bins; hue is the most likely direction (bin centre), brightness its sureness: its
+    probability rescaled from chance (1/D) to certainty (1), divided by the map's largest with
+    ``relative`` so that an early or undecided model still shows its directions.
+    """
+    probabilities = torch.softmax(direction_logits.float(), dim=0)
+    by_direction = probabilities.view(num_directions, num_bins, *probabilities.shape[-2:]).sum(1)
+    confidence, direction = by_direction.max(0)
+    chance = 1.0 / num_directions
+    sureness = (
+        ((confidence - chance) / max(1e-6, 1 - chance)).clamp(0, 1)
+        if num_directions > 1
+        else confidence
+    )
+    largest = float(sureness.max()) if sureness.numel() else 0.0
+    value = sureness / max(largest, 1e-12) if relative else sureness
+    hue = (direction.float() + 0.5) / num_directions
+    hsv = torch.stack([hue, torch.ones_like(hue), value], dim=-1).numpy()
+    return hsv_to_rgb(hsv), largest
+
+
+def direction_wheel(num_directions: int, size: int = 101) -> np.ndarray:
+    """[size, size, 4] RGBA legend: the colour of each direction bin around a centre, with
+    angles from +x towards +y (image y points down), as the bins are defined."""
+    coords = np.linspace(-1, 1, size)
+    v, u = np.meshgrid(coords, coords, indexing="ij")
+    angle = np.mod(np.arctan2(v, u), 2 * np.pi)
+    direction = np.minimum(np.floor(angle / (2 * np.pi / num_directions)), num_directions - 1)
+    hsv = np.stack([(direction + 0.5) / num_directions, np.ones_like(u), np.ones_like(u)], axis=-1)
+    rgba = np.concatenate(
+        [hsv_to_rgb(hsv), (np.hypot(u, v) <= 1)[..., None].astype(float)], axis=-1
+    )
+    return rgba
+
+
+def _symmetric(ax, values: np.ndarray, title: str, **kwargs):
+    limit = float(np.abs(values).max()) or 1.0
+    ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, **kwargs)
+    ax.set_title(title, fontsize=8)
+
+
+def draw_masklab(prediction: "Prediction", class_names, path: str, top_k: int) -> Optional[str]:
+    """MaskLab's semantic and direction maps and the top detections' crops (module docstring)."""
+    head = prediction.head
+    maps = getattr(head, "intermediates", None) or {}
+    if "semantic_logits" not in maps and "direction_logits" not in maps:
+        return None
+    top = prediction.order[:top_k]
+    stride = head.common_stride
+    figure, axes = axes_grid(1 + len(top), 5, cell=2.6)
+    axes[0, 0].imshow(prediction.image)
+    axes[0, 0].set_title("image", fontsize=8)
+    if top:
+        x1, y1, x2, y2 = prediction.image_box(top[0])
+        axes[0, 0].add_patch(
+            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", lw=1.5)
+        )
+        axes[0, 0].set_title(
+            f"image, top detection {prediction.title(top[0], class_names)}", fontsize=8
+        )
+    foreground = None
+    if "semantic_logits" in maps:
+        logits = maps["semantic_logits"][0].float().cpu()
+        (rows, cols), extent = prediction.dense_extent(tuple(logits.shape[-2:]), stride)
+        probabilities = torch.softmax(logits, dim=0)[:, :rows, :cols]
+        foreground = (1 - probabilities[-1]).numpy()  # background is the last channel
+        cls = int(prediction.raw.pred_classes[top[0]]) if top else None
+        axes[0, 1].imshow(prediction.image)
+        if cls is not None:
+            axes[0, 1].imshow(
+                probabilities[cls].numpy(), cmap="magma", vmin=0, vmax=1, alpha=0.65, extent=extent
+            )
+            axes[0, 1].set_title(
+                f"semantic p({class_names[cls] if cls < len(class_names) else cls})", fontsize=8
+            )
+        else:
+            axes[0, 1].imshow(foreground, cmap="magma", vmin=0, vmax=1, alpha=0.65, extent=extent)
+            axes[0, 1].set_title("semantic p(foreground)", fontsize=8)
+    if "direction_logits" in maps:
+        logits = maps["direction_logits"][0].float().cpu()
+        (rows, cols), extent = prediction.dense_extent(tuple(logits.shape[-2:]), stride)
+        binning = head.binning
+        colors, largest = direction_colors(
+            logits[:, :rows, :cols], binning.num_directions, binning.num_distance_bins
+        )
+        axes[0, 2].imshow(colors, extent=extent, interpolation="nearest")
+        axes[0, 2].set_xlim(0, prediction.image.shape[1])
+        axes[0, 2].set_ylim(prediction.image.shape[0], 0)
+        axes[0, 2].set_title(
+            f"direction: hue; sureness / max ({largest:.2f}): brightness", fontsize=8
+        )
+        if foreground is not None and foreground.shape == colors.shape[:2]:
+            axes[0, 3].imshow(
+                colors * foreground[..., None], extent=extent, interpolation="nearest"
+            )
+            axes[0, 3].set_xlim(0, prediction.image.shape[1])
+            axes[0, 3].set_ylim(prediction.image.shape[0], 0)
+            axes[0, 3].set_title("direction x p(foreground)", fontsize=8)
+        axes[0, 4].imshow(direction_wheel(binning.num_directions))
+        axes[0, 4].set_title("direction bins (+x right, +y down)", fontsize=8)
+    crops = [
+        ("semantic_crop", "semantic crop (logit)", False),
+        ("pooled_direction", "assembled direction (logit)", False),
+        ("coarse", "coarse mask", True),
+        ("refined", "refined mask", True),
+    ]
+    for row, index in enumerate(top, start=1):
+        size = head.crop_size
+        axes[row, 0].imshow(prediction.patch(index, size))
+        axes[row, 0].set_title(prediction.title(index, class_names), fontsize=8)
+        for column, (key, title, probability) in enumerate(crops, start=1):
+            if key not in maps or index >= len(maps[key]):
+                continue
+            values = maps[key][index, 0].float().cpu()
+            if probability:
+                axes[row, column].imshow(
+                    torch.sigmoid(values).numpy(), cmap="viridis", vmin=0, vmax=1
+                )
+                axes[row, column].set_title(title, fontsize=8)
+            else:
+                _symmetric(axes[row, column], values.numpy(), title)
+    figure.suptitle("MaskLab: semantic and direction features", fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def deformable_offsets(
+    model, prediction: "Prediction", indices: Sequence[int]
+) -> Optional[Tuple[torch.Tensor, float]]:
+    """([n, 2, G, G] offsets of detections ``indices``, gamma), or None when the box pooler is
+    not deformable. The box pooler runs on the final boxes, so these are their offsets."""
+    pooler = getattr(model.roi_heads, "box_pooler", None)
+    if not isinstance(pooler, DeformableCropAndResizePooler) or not indices:
+        return None
+    device = next(model.parameters()).device
+    boxes = prediction.raw.pred_boxes.tensor[list(indices)].to(device)
+    features = [prediction.features[f] for f in model.roi_heads.box_in_features]
+    for level in pooler.level_poolers:
+        level.last_rois = level.last_offsets = None
+    with torch.no_grad():
+        pooler(features, [Boxes(boxes)])
+    # Each level pooler saw the boxes of its FPN level: put their offsets back in box order.
+    grid = pooler.offset_net.grid
+    offsets = torch.zeros(len(indices), 2, grid, grid)
+    for level in pooler.level_poolers:
+        if level.last_rois is None or len(level.last_rois) == 0:
+            continue
+        distance = torch.cdist(level.last_rois[:, 1:].float().cpu(), boxes.float().cpu())
+        offsets[distance.argmin(dim=1)] = level.last_offsets.float().cpu()
+    return offsets, float(pooler.level_poolers[0].gamma)
+
+
+def sub_boxes(box: np.ndarray, offsets: np.ndarray, gamma: float) -> np.ndarray:
+    """[G, G, 4] shifted sub-boxes (x1, y1, x2, y2) of a box: the G x G cells of the crop
+    lattice, each moved by gamma * offset * (box width, box height)."""
+    grid = offsets.shape[-1]
+    x1, y1, x2, y2 = box
+    width, height = x2 - x1, y2 - y1
+    cells = np.zeros((grid, grid, 4))
+    for gi in range(grid):
+        for gj in range(grid):
+            dx, dy = gamma * offsets[0, gi, gj] * width, gamma * offsets[1, gi, gj] * height
+            cells[gi, gj] = [
+                x1 + gj * width / grid + dx,
+                y1 + gi * height / grid + dy,
+                x1 + (gj + 1) * width / grid + dx,
+                y1 + (gi + 1) * height / grid + dy,
+            ]
+    return cells
+
+
+def grid_colors(grid: int) -> np.ndarray:
+    """[G, G, 3] colours by grid position: hue along x, brightness along y."""
+    colors = np.zeros((grid, grid, 3))
+    for gi in range(grid):
+        for gj in range(grid):
+            value = 1.0 - 0.55 * gi / max(1, grid - 1)
+            colors[gi, gj] = colorsys.hsv_to_rgb(gj / grid, 0.9, value)
+    return colors
+
+
+def draw_deformable(
+    model, prediction: "Prediction", class_names, path: str, top_k: int
+) -> Optional[str]:
+    """The top detections' learned sub-boxes (module docstring)."""
+    top = prediction.order[:top_k]
+    result = deformable_offsets(model, prediction, top)
+    if result is None:
+        return None
+    offsets, gamma = result
+    grid = offsets.shape[-1]
+    colors = grid_colors(grid)
+    figure, axes = axes_grid(1, len(top) + 2, cell=3.0)
+    axes[0, 0].imshow(prediction.image)
+    axes[0, 0].set_title("top detections", fontsize=8)
+    for column, (index, offset) in enumerate(zip(top, offsets.numpy()), start=1):
+        box = prediction.image_box(index)
+        cells = sub_boxes(box, offset, gamma)
+        ax = axes[0, column]
+        ax.imshow(prediction.image)
+        for target in (ax, axes[0, 0]):
+            target.add_patch(
+                Rectangle(
+                    box[:2],
+                    box[2] - box[0],
+                    box[3] - box[1],
+                    fill=False,
+                    color="white",
+                    ls="--",
+                    lw=1,
+                )
+            )
+        axes[0, 0].text(box[0], box[1], f"#{index}", color="white", fontsize=7, va="bottom")
+        for gi in range(grid):
+            for gj in range(grid):
+                x1, y1, x2, y2 = cells[gi, gj]
+                ax.add_patch(
+                    Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colors[gi, gj], lw=1.2)
+                )
+        # A square window around the box with a margin, so shifted sub-boxes that leave the box
+        # stay visible and thin boxes do not make thin panels.
+        half = 0.5 * 1.6 * max(box[2] - box[0], box[3] - box[1], 8.0)
+        center_x, center_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        ax.set_xlim(center_x - half, center_x + half)
+        ax.set_ylim(center_y + half, center_y - half)
+        mean_shift = gamma * float(np.abs(offset).mean())
+        ax.set_title(
+            f"{prediction.title(index, class_names)}\nmean |shift| {mean_shift:.3f} box", fontsize=8
+        )
+    axes[0, -1].imshow(colors, interpolation="nearest")
+    axes[0, -1].set_title(f"sub-box colour by grid position ({grid}x{grid})", fontsize=8)
+    figure.suptitle(f"deformable crop-and-resize sub-boxes (gamma {gamma:g})", fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def draw_blendmask(prediction: "Prediction", class_names, path: str, top_k: int) -> Optional[str]:
+    """BlendMask's bases and the top detections' attentions (module docstring)."""
+    head = prediction.head
+    bases = getattr(head, "last_bases", None)
+    attentions = getattr(head, "last_attentions", None)
+    if bases is None or attentions is None:
+        return None
+    bases = bases[0].float().cpu()
+    attentions = attentions.float().cpu()
+    num_bases = bases.shape[0]
+    top = [i for i in prediction.order[:top_k] if i < len(attentions)]
+    stride = getattr(head, "bases_stride", None) or max(
+        1, round(prediction.input_size[0] / bases.shape[-2])
+    )
+    (rows, cols), extent = prediction.dense_extent(tuple(bases.shape[-2:]), stride)
+    figure, axes = axes_grid(1 + len(top), num_bases + 2, cell=2.4)
+    axes[0, 0].imshow(prediction.image)
+    axes[0, 0].set_title("image", fontsize=8)
+    for k in range(num_bases):
+        ax = axes[0, k + 1]
+        _symmetric(ax, bases[k, :rows, :cols].numpy(), f"base {k}", extent=extent)
+    for row, index in enumerate(top, start=1):
+        mask = prediction.raw.pred_masks[index, 0].numpy()
+        axes[row, 0].imshow(prediction.patch(index, mask.shape[-1]))
+        axes[row, 0].set_title(prediction.title(index, class_names), fontsize=8)
+        weights = torch.softmax(attentions[index], dim=0).numpy()
+        for k in range(num_bases):
+            axes[row, k + 1].imshow(weights[k], cmap="viridis", vmin=0, vmax=1)
+            axes[row, k + 1].set_title(f"attention {k}", fontsize=8)
+        axes[row, -1].imshow(mask, cmap="viridis", vmin=0, vmax=1)
+        axes[row, -1].set_title("mask", fontsize=8)
+    figure.suptitle("BlendMask: bases (logits) and attentions (softmax over bases)", fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, path)
