@@ -33,10 +33,10 @@ A sweep file (YAML) describes the runs::
 
 A group is a mapping with an optional ``config`` (replacing the base config: a head needs several
 keys, so a cell can switch whole config files), optional ``opts`` and any other ``KEY: value``
-overrides. An explicit cell maps axis names to labels (named groups) or config keys to values,
-and may set ``name``, ``config``, ``opts`` and its own ``seeds``. Every run is ``python train_net.py --config-file C
-[--num-gpus n --dist-url auto] [--resume] OUTPUT_DIR <output_root>/<run name> SEED <seed>
-<overrides>`` where the overrides are the common opts, then the axes' in axis order, then the
+overrides. An explicit cell maps axis names to labels (named groups) or config keys to values, and
+may set ``name``, ``config``, ``opts`` and its own ``seeds``. Every run is ``python train_net.py
+--config-file C [--num-gpus n --dist-url auto] [--resume] OUTPUT_DIR <output_root>/<run name> SEED
+<seed> <overrides>`` where the overrides are the common opts, then the axes' in axis order, then the
 explicit cell's.
 
 A run's name is built from its axis values, e.g. ``head=masklab__MASKLAB.NUM_DIRECTIONS=4__seed=0``
@@ -44,24 +44,24 @@ A run's name is built from its axis values, e.g. ``head=masklab__MASKLAB.NUM_DIR
 ``-``; a name over 120 characters, or two that would read alike, get ``~`` and a hash of what
 they run), so it is stable across reruns and safe as a folder name.
 
-Runs launch seed by seed: every cell's first seed, then every cell's second, and so on, so a
-sweep stopped part way has measured each cell once before it measures any twice. Rerunning a
-sweep continues it. A run is **done** when its folder has ``model_final.pth`` and
-its final evaluation and its status file (``sweep_run.json``) records the same fingerprint as
-the sweep computes now: the hash of the merged config (defaults, config files, all overrides)
-and a digest of the code a run executes (the package without its tools, csrc/, train_net.py,
-setup.py; committed or not: commits to docs, tests or tools keep runs valid). A done run is
-skipped; one with another fingerprint (or none) is **stale**: reported, and rerun from scratch
-only with ``--rerun-stale`` (its folder is moved to ``<run>.stale-<time>``, never deleted). A run with a checkpoint but unfinished (interrupted,
-preempted, timed out: train_net.py exits with 75 after saving) reruns with ``--resume``; one
-that failed (``sweep_run.json`` holds the return code and the last 50 lines of its log
-``sweep_run.log``) is retried unless ``--no-retry-failed``. A run whose status file shows a live
-heartbeat (another sweep process), or whose Slurm job is queued or running (asked through
-submitit's job objects; a Slurm that cannot answer counts as queued, so nothing is submitted
-twice; ``--forget-queued`` relaunches such runs) is left alone. A failing run never stops the
-others. While it runs, a line per change gives the done / running / failed / pending counts and
-an ETA; ``<output_root>/sweep_status.json`` holds the same. ``--report`` (and the end of every
-sweep) writes results.csv, results.md and plots, see :mod:`masklab_d2.tools.sweeps.report`.
+Runs launch seed by seed: every cell's first seed, then every cell's second, and so on, so a sweep
+stopped part way has measured each cell once before it measures any twice. Rerunning a sweep
+continues it. A run is **done** when its folder has ``model_final.pth`` and its final evaluation and
+its status file (``sweep_run.json``) records the same fingerprint as the sweep computes now: the
+hash of the merged config (defaults, config files, all overrides) and a digest of the code a run
+executes (the package without its tools, csrc/, train_net.py, setup.py; committed or not: commits to
+docs, tests or tools keep runs valid). A done run is skipped; one with another fingerprint (or none)
+is **stale**: reported, and rerun from scratch only with ``--rerun-stale`` (its folder is moved to
+``<run>.stale-<time>``, never deleted). A run with a checkpoint but unfinished (interrupted,
+preempted, timed out: train_net.py exits with 75 after saving) reruns with ``--resume``; one that
+failed (``sweep_run.json`` holds the return code and the last 50 lines of its log ``sweep_run.log``)
+is retried unless ``--no-retry-failed``. A run whose status file shows a live heartbeat (another
+sweep process), or whose Slurm job is queued or running (asked through submitit's job objects; a
+Slurm that cannot answer counts as queued, so nothing is submitted twice; ``--forget-queued``
+relaunches such runs) is left alone. A failing run never stops the others. While it runs, a line per
+change gives the done / running / failed / pending counts and an ETA;
+``<output_root>/sweep_status.json`` holds the same. ``--report`` (and the end of every sweep) writes
+results.csv, results.md and plots, see :mod:`masklab_d2.tools.sweeps.report`.
 
 Launchers: ``local`` runs ``parallel`` runs at a time as subprocesses in their own sessions,
 each on its own ``num_gpus`` GPUs (CUDA_VISIBLE_DEVICES; fewer at a time, with a warning, where

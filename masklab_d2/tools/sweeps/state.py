@@ -2,8 +2,8 @@
 
 A run is **done** when its folder has ``model_final.pth`` and the final evaluation, and its
 status file (``sweep_run.json``) records the fingerprint of what it ran (the merged config's hash
-and the training code's digest, :mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the sweep would
-run now. A run whose recorded fingerprint differs, or that has none, is **stale**: it is reported
+and the training code's digest, :mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the
+sweep would run now. A run whose recorded fingerprint differs, or that has none, is **stale**: it is reported
 and left alone unless ``--rerun-stale``.
 """
 
