@@ -173,9 +173,11 @@ def test_confidence_threshold_and_ground_truth_panel(tmp_path):
         visualize.main(["--config-file", MASK_RCNN, "--output", out, "--confidence-threshold", "5"])
 
 
-def test_masklab_maps_and_crops(tmp_path):
+@pytest.mark.parametrize("semantic_input", ["class", "agnostic"])
+def test_masklab_maps_and_crops(tmp_path, semantic_input):
+    """Both semantic inputs: the agnostic one has no channel per class to draw (it crashed)."""
     out = str(tmp_path / "vis")
-    cfg = visualize.setup_cfg(MASKLAB, TINY)
+    cfg = visualize.setup_cfg(MASKLAB, TINY + ["MODEL.MASKLAB.SEMANTIC_INPUT", semantic_input])
     written = visualize.visualize(
         cfg, out, dataset="shapes_tiny_val", num_images=1, top_k=3, confidence_threshold=0.0
     )

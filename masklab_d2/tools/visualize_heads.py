@@ -121,6 +121,10 @@ def draw_masklab(prediction: "Prediction", class_names, path: str, top_k: int) -
         probabilities = torch.softmax(logits, dim=0)[:, :rows, :cols]
         foreground = (1 - probabilities[-1]).numpy()  # background is the last channel
         cls = int(prediction.raw.pred_classes[top[0]]) if top else None
+        # A class-agnostic semantic input (MODEL.MASKLAB.SEMANTIC_INPUT) has one foreground
+        # channel and the background: there is no channel of the detection's class to show.
+        if getattr(head, "semantic_input", "class") != "class":
+            cls = None
         axes[0, 1].imshow(prediction.image)
         if cls is not None:
             axes[0, 1].imshow(
