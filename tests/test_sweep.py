@@ -483,6 +483,11 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
         with Image.open(paths[name]) as image:
             assert image.size[0] > 300 and image.size[1] > 200
 
+    # --report-dir publishes the report elsewhere (a project folder).
+    assert sweep_tool.main([path, "--report", "--report-dir", str(tmp_path / "published")]) == 0
+    published = sorted(os.listdir(tmp_path / "published"))
+    assert published == sorted(os.path.basename(p) for p in paths.values())
+
     # The sweep's `table` picks the columns.
     spec = load_sweep(fake_sweep(tmp_path, extra="table: [segm/AP75, segm/unseen/AP]"))
     table = open(write_report(spec, expand_runs(spec))["markdown"]).read()

@@ -3,7 +3,8 @@
     python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml --dry-run
     python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml [--parallel 2]
     python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml --launcher slurm
-    python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml --report
+    python -m masklab_d2.tools.sweep projects/shapes-partial-heads/sweep.yaml --report \
+        [--report-dir projects/shapes-partial-heads]
     (also: --output-root DIR, --filter REGEX on run names, --no-retry-failed, --no-report,
      --rerun-stale, --forget-queued)
 

@@ -243,6 +243,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report", action="store_true", help="only write results.csv / results.md / plots"
     )
+    parser.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help="write the report (results.csv, results.md, plots) here instead of the output root, "
+        "e.g. the project folder that publishes it",
+    )
     parser.add_argument("--launcher", choices=LAUNCHERS, help="overrides the file's launcher")
     parser.add_argument(
         "--parallel", type=int, help="runs at a time (overrides the file's 'parallel')"
@@ -300,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 0
     if args.report:
-        for path in write_report(spec, runs).values():
+        for path in write_report(spec, runs, args.report_dir).values():
             print(f"[sweep] wrote {path}")
         return 0
     if threading.current_thread() is threading.main_thread():
@@ -322,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 130
     if not args.no_report:
-        for path in write_report(spec, runs).values():
+        for path in write_report(spec, runs, args.report_dir).values():
             print(f"[sweep] wrote {path}")
     if counts[FAILED]:
         failed = [run for run in runs if run_state(run.output_dir, check_queue=False) == FAILED]

@@ -267,8 +267,9 @@ def write_markdown(
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     with open(path, "w") as f:
         f.write(f"# Sweep {spec.name}\n\n")
+        shown = os.path.relpath(spec.path) if spec.path.startswith(os.getcwd()) else spec.path
         f.write(
-            f"`{spec.path}`, {len(cells)} cells, {sum(c['seeds'] for c in cells)} runs; "
+            f"`{shown}`, {len(cells)} cells, {sum(c['seeds'] for c in cells)} runs; "
             f"written {stamp}.\n\n"
         )
         wall = sum(r["wall_time_s"] or 0.0 for c in cells for r in c["rows"])
