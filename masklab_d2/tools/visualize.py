@@ -17,7 +17,7 @@ writes into the output folder:
 * ``<stem>_mask_crops.png`` (every head): the top detections' M x M mask probabilities before
   pasting, under the image patch of their box, with class and score.
 * ``<stem>_masklab.png`` (MaskLabHead): the semantic probability of the top detection's class
-  over the image; the direction logits colour-coded by direction bin (hue: the most likely of
+  over the image (of the foreground with a class-agnostic semantic input); the direction logits colour-coded by direction bin (hue: the most likely of
   the D directions, summed over distance bins; brightness: how sure, from 1/D to 1), also
   weighted by the foreground probability, as the paper's Figures 3 and 7, with the bins' colour
   wheel; and per top detection its semantic crop, assembled direction crop, coarse and refined
