@@ -1,5 +1,5 @@
 """Visualizations: the drawing helpers, and the tool end to end on shapes images (random weights,
-SCORE_THRESH_TEST 0 so that there are detections)."""
+SCORE_THRESH_TEST 0 and a confidence threshold of 0 so that there are detections)."""
 
 import math
 import os
