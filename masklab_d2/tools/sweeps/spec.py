@@ -194,9 +194,15 @@ def load_sweep(path: str, output_root: Optional[str] = None) -> SweepSpec:
     if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
         raise SweepError(f"{path}: 'cells' must be a list of mappings")
     seeds = parse_seeds(raw.get("seeds", [0]), path)
-    for index, cell in enumerate(cells):
-        if "seeds" in cell:
-            parse_seeds(cell["seeds"], f"{path}: cells[{index}]")
+    # Checked once here; the cells keep the parsed list (a count becomes its seeds).
+    cells = [
+        (
+            dict(cell, seeds=parse_seeds(cell["seeds"], f"{path}: cells[{index}]"))
+            if "seeds" in cell
+            else cell
+        )
+        for index, cell in enumerate(cells)
+    ]
     launcher = raw.get("launcher", "local")
     if launcher not in LAUNCHERS:
         raise SweepError(f"{path}: launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -362,7 +368,7 @@ def expand_cells(spec: SweepSpec) -> List[Cell]:
         entries += _pairs(explicit.get("opts"), where)
         cell = _make_cell(spec, entries, config, explicit.get("name"), where)
         if "seeds" in explicit:
-            cell = dataclasses.replace(cell, seeds=tuple(parse_seeds(explicit["seeds"], where)))
+            cell = dataclasses.replace(cell, seeds=tuple(explicit["seeds"]))
         cells.append(cell)
     return _deduplicate(cells)
 
