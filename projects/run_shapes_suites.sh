@@ -25,8 +25,10 @@ for config in "${detectors[@]}"; do
 done
 for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
 
-for sweep in projects/shapes-partial-heads/sweep.yaml projects/shapes-deep-marc-depth/sweep.yaml \
-             projects/shapes-full-heads/sweep.yaml projects/shapes-masklab-ablations/sweep.yaml \
+# Cheapest suites first, so a sitting that ends early leaves whole suites behind: the depth suite's
+# deep hourglass and paper-size cells cost the most per run, the joint deformable pair the most.
+for sweep in projects/shapes-partial-heads/sweep.yaml projects/shapes-full-heads/sweep.yaml \
+             projects/shapes-masklab-ablations/sweep.yaml projects/shapes-deep-marc-depth/sweep.yaml \
              projects/shapes-masklab-ablations/deformable.yaml; do
   "$PYTHON" -m masklab_d2.tools.sweep "$sweep" --parallel "$PARALLEL"
   status=$?
