@@ -15,7 +15,9 @@ Writes into the sweep's output root:
 * ``ap_bars.png``: box and mask AP per cell, grouped bars, with std error bars where a cell has
   more than one finished seed;
   ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask AP (partially supervised sweeps);
-  ``mask_ap_vs_iteration.png``: mask AP of the periodic evaluations, mean over seeds per cell.
+  ``mask_ap_vs_iteration.png``: mask AP of the periodic evaluations, mean over seeds per cell;
+  only cells evaluated at two iterations or more are drawn, and with none there is no file (a
+  plot left by an earlier report is removed: a single final evaluation is no curve).
 """
 
 import csv
@@ -352,7 +354,7 @@ def plot_curves(path: str, cells: Sequence[Dict[str, Any]]) -> bool:
         for row in cell["rows"]:
             for iteration, value in row["curve"]:
                 by_iteration.setdefault(iteration, []).append(value)
-        if not by_iteration:
+        if len(by_iteration) < 2:  # one evaluation point is no curve
             continue
         iterations = sorted(by_iteration)
         stats = [_mean_std(by_iteration[i]) for i in iterations]
@@ -417,4 +419,6 @@ def write_report(
         path = os.path.join(output_dir, f"{name}.png")
         if draw(path):
             paths[name] = path
+        elif os.path.exists(path):  # left by an earlier report; it no longer describes the runs
+            os.remove(path)
     return paths
