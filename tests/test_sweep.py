@@ -488,24 +488,28 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     published = sorted(os.listdir(tmp_path / "published"))
     assert published == sorted(os.path.basename(p) for p in paths.values())
 
-    # Runs evaluated once (at the end) draw no curve: the plot is not written, and the one of the
-    # report before is removed.
+    # The sweep's `table` picks the columns.
+    spec = load_sweep(fake_sweep(tmp_path, extra="table: [segm/AP75, segm/unseen/AP]"))
+    table = open(write_report(spec, expand_runs(spec))["markdown"]).read()
+    header = [c.strip() for c in table.split("\n|", 1)[1].split("\n")[0].strip("|").split("|")]
+    assert header[-4:] == ["runs done", "mask AP75", "unseen AP", "s / iter"]
+
+    # Runs evaluated once (at the end) draw no curve, and without unseen AP (full supervision) no
+    # seen-vs-unseen bars: those plots are not written, and the report's earlier ones are removed.
     for run in runs.values():
         metrics = os.path.join(run.output_dir, "metrics.json")
         if not os.path.exists(metrics):
             continue
         records = [json.loads(line) for line in open(metrics) if line.strip().endswith("}")]
         with open(metrics, "w") as f:
+            for record in records:
+                record.pop("segm/unseen/AP", None)
             f.write("".join(json.dumps(r) + "\n" for r in records if r["iteration"] != 1))
     paths = write_report(spec, list(runs.values()))
-    assert "mask_ap_vs_iteration" not in paths and "ap_bars" in paths
-    assert not os.path.exists(os.path.join(spec.output_root, "mask_ap_vs_iteration.png"))
-
-    # The sweep's `table` picks the columns.
-    spec = load_sweep(fake_sweep(tmp_path, extra="table: [segm/AP75, segm/unseen/AP]"))
-    table = open(write_report(spec, expand_runs(spec))["markdown"]).read()
-    header = [c.strip() for c in table.split("\n|", 1)[1].split("\n")[0].strip("|").split("|")]
-    assert header[-4:] == ["runs done", "mask AP75", "unseen AP", "s / iter"]
+    assert "ap_bars" in paths
+    for name in ("mask_ap_vs_iteration", "seen_unseen_mask_ap"):
+        assert name not in paths
+        assert not os.path.exists(os.path.join(spec.output_root, f"{name}.png"))
 
 
 # ------------------------------------------------------------------- end to end (detectron2)

@@ -14,7 +14,8 @@ Writes into the sweep's output root:
   runs' states.
 * ``ap_bars.png``: box and mask AP per cell, grouped bars, with std error bars where a cell has
   more than one finished seed;
-  ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask AP (partially supervised sweeps);
+  ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask AP (partially supervised sweeps
+  only: a sweep without unseen AP gets no such plot);
   ``mask_ap_vs_iteration.png``: mask AP of the periodic evaluations, mean over seeds per cell;
   only cells evaluated at two iterations or more are drawn, and with none there is no file (a
   plot left by an earlier report is removed: a single final evaluation is no curve).
@@ -294,10 +295,17 @@ def _label(cell: Dict[str, Any]) -> str:
     return "\n".join(f"{k}={v}" for k, v in values.items())
 
 
-def plot_bars(path: str, cells: Sequence[Dict[str, Any]], keys: Sequence[str], title: str) -> bool:
-    """Grouped bars (one group per cell, one bar per metric) with std error bars."""
+def plot_bars(
+    path: str,
+    cells: Sequence[Dict[str, Any]],
+    keys: Sequence[str],
+    title: str,
+    needs: Sequence[str] = (),
+) -> bool:
+    """Grouped bars (one group per cell, one bar per metric) with std error bars; nothing (False)
+    when no cell has a metric of ``keys`` or one of ``needs``."""
     keys = [k for k in keys if any(k in c["stats"] for c in cells)]
-    if not keys or not cells:
+    if not keys or not cells or any(all(k not in c["stats"] for c in cells) for k in needs):
         return False
     width = 0.8 / len(keys)
     figure, axes = plt.subplots(
@@ -411,7 +419,11 @@ def write_report(
             p, cells, ("bbox/AP", "segm/AP"), "box and mask AP per cell"
         ),
         "seen_unseen_mask_ap": lambda p: plot_bars(
-            p, cells, ("segm/seen/AP", "segm/unseen/AP"), "mask AP on seen vs unseen classes"
+            p,
+            cells,
+            ("segm/seen/AP", "segm/unseen/AP"),
+            "mask AP on seen vs unseen classes",
+            needs=("segm/unseen/AP",),  # full supervision: every class is "seen", no comparison
         ),
         "mask_ap_vs_iteration": lambda p: plot_curves(p, cells),
     }
