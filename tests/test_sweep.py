@@ -426,6 +426,48 @@ def test_local_sweep_records_failures_resumes_and_retries(tmp_path, capsys):
     assert "launching 0" in capsys.readouterr().out
 
 
+STOP_TARGET = """
+import os, signal, sys, time
+marker = sys.argv[1]
+if os.fork() == 0:  # a child in the run's process group, as a DataLoader worker is
+    signal.signal(signal.SIGTERM, lambda *a: (open(marker, "w").close(), os._exit(0)))
+    open(marker + ".child_ready", "w").close()
+    time.sleep(60)
+    os._exit(0)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))
+open(marker + ".ready", "w").close()
+time.sleep(60)
+"""
+
+
+def test_stop_signals_the_run_not_its_workers(tmp_path):
+    """A DataLoader worker killed by the sweep's SIGTERM crashes the run before its checkpoint:
+    the stop goes to the run's main process only, which stops its own workers."""
+    marker = str(tmp_path / "child_got_sigterm")
+    script = tmp_path / "target.py"
+    script.write_text(STOP_TARGET)
+    process = subprocess.Popen([sys.executable, str(script), marker], start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not all(
+            os.path.exists(marker + suffix) for suffix in (".ready", ".child_ready")
+        ):
+            time.sleep(0.05)
+        launch._ACTIVE["target"] = process
+        launch.stop_active_runs(timeout=30)
+        assert process.returncode == 75
+        time.sleep(0.2)
+        assert not os.path.exists(marker)
+    finally:
+        launch._ACTIVE.pop("target", None)
+        launch._STOPPING.clear()
+        try:
+            os.killpg(process.pid, 9)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
 def test_report_mean_std_missing_cells_and_plots(tmp_path):
     path = fake_sweep(tmp_path)
     spec = load_sweep(path)

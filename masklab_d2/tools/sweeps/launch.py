@@ -1,7 +1,7 @@
 """Executing runs: locally as subprocesses, or as submitit jobs (Slurm, or submitit's local twin).
 
 Local runs are ``train_net.py`` subprocesses, each in its own session (a Ctrl-C reaches the sweep
-only, which then sends each run's process group one SIGTERM) and on its own GPUs. Submitit jobs
+only, which then sends each run's main process one SIGTERM) and on its own GPUs. Submitit jobs
 run the training in the job's own process (:class:`SubmititCell`), so that submitit's mechanisms
 apply to it directly: one task per GPU with its distributed environment, requeue on preemption
 or time limit through ``checkpoint()``, job objects to follow (and re-attach to) the jobs, and on
@@ -224,14 +224,22 @@ def execute_run(task: RunTask, extra_env: Optional[Dict[str, str]] = None) -> Di
 
 
 def stop_active_runs(timeout: float = 300.0) -> None:
-    """One SIGTERM to every running training's process group (train_net.py then saves a
-    checkpoint after the current iteration and exits); waits, then kills what is left."""
+    """One SIGTERM to every running training's main process (train_net.py then saves a
+    checkpoint after the current iteration and exits); waits, then kills what is left, process
+    groups included."""
     _STOPPING.set()
     with _ACTIVE_LOCK:
         processes = list(_ACTIVE.values())
     for process in processes:
         if process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
+            # The main process only, not its group: a DataLoader worker dies on a SIGTERM that its
+            # parent did not send (torch's worker handler), and the parent then raises in the
+            # middle of a step, before the stop's checkpoint. train_net.py stops its workers and
+            # forwards the signal to its ranks itself.
+            try:
+                process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     deadline = time.time() + timeout
     for process in processes:
         try:
