@@ -231,15 +231,11 @@ def stop_active_runs(timeout: float = 300.0) -> None:
     with _ACTIVE_LOCK:
         processes = list(_ACTIVE.values())
     for process in processes:
-        if process.poll() is None:
-            # The main process only, not its group: a DataLoader worker dies on a SIGTERM that its
-            # parent did not send (torch's worker handler), and the parent then raises in the
-            # middle of a step, before the stop's checkpoint. train_net.py stops its workers and
-            # forwards the signal to its ranks itself.
-            try:
-                process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        # The main process only, not its group: a DataLoader worker dies on a SIGTERM that its
+        # parent did not send (torch's worker handler), and the parent then raises in the middle
+        # of a step, before the stop's checkpoint. train_net.py stops its workers and forwards the
+        # signal to its ranks itself. (send_signal skips a process that has already exited.)
+        process.send_signal(signal.SIGTERM)
     deadline = time.time() + timeout
     for process in processes:
         try:
