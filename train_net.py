@@ -35,7 +35,7 @@ from detectron2.utils.logger import setup_logger
 from masklab_d2.config import load_config
 from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, register_coco_datasets
 from masklab_d2.data.datasets import check_mask_supervision
-from masklab_d2.engine import GracefulStopHook, launch, stop_requested
+from masklab_d2.engine import GracefulStopHook, launch, spare_loader_workers, stop_requested
 from masklab_d2.engine.graceful_stop import EXIT_INTERRUPTED
 from masklab_d2.engine.lazy_train import is_lazy_config
 from masklab_d2.engine.lazy_train import main as lazy_main
@@ -114,13 +114,15 @@ class Trainer(DefaultTrainer):
                 MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes"),
             )
         mapper = PartialMaskDatasetMapper(cfg, is_train=True)
-        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        # Its workers survive a stop signal sent to every process of the run (graceful stops).
+        return spare_loader_workers(
+            build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=PartialMaskDatasetMapper(cfg, is_train=False)
-        )
+        mapper = PartialMaskDatasetMapper(cfg, is_train=False)
+        return spare_loader_workers(build_detection_test_loader(cfg, dataset_name, mapper=mapper))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

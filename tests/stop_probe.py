@@ -10,6 +10,9 @@ not signalled again). ``probe.txt`` in the output folder records what happened. 
 * ``import``: SIGTERM while a module is being imported (as TensorBoard's writer is on first
   use); the probe records "imported" in ``probe.txt`` when the import completed;
 * ``eval``: SIGTERM while the periodic evaluation at that iteration processes its first batch;
+* ``group``, ``group-eval``: as ``import`` and ``eval``, but SIGTERM goes to every process of the
+  run's process group, DataLoader workers included, from another process (as Slurm's ``scancel``
+  or ``kill -TERM -<pgid>`` send it; start the run in a session of its own);
 * ``double``: SIGINT, then SIGTERM and SIGUSR2 while the stop's checkpoint is being written;
 * ``usr2``: SIGUSR2 (submitit's warning before a Slurm time limit);
 * ``nan``: the weights become NaN before that iteration, so the loss does (an error, no stop).
@@ -20,6 +23,7 @@ Everything else is train_net.py's command line and code; the probe only subclass
 import importlib
 import os
 import signal
+import subprocess
 import sys
 
 import torch
@@ -40,6 +44,13 @@ OUTPUT_DIR = os.environ.get("MASKLAB_STOP_PROBE_DIR")  # else the run's OUTPUT_D
 def note(text):
     with open(os.path.join(OUTPUT_DIR, "probe.txt"), "a") as f:
         f.write(text + "\n")
+
+
+def signal_process_group():
+    """SIGTERM to the whole process group, sent by another process (the sender matters: torch's
+    DataLoader workers treat a SIGTERM from their parent differently)."""
+    killer = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
+    subprocess.run([sys.executable, "-c", killer])  # the killer is in the group and dies too
 
 
 def fired():
@@ -78,6 +89,8 @@ class Probe(HookBase):
             os.kill(os.getpid(), signal.SIGINT)
         elif KIND == "usr2":
             os.kill(os.getpid(), signal.SIGUSR2)
+        elif KIND == "group":
+            signal_process_group()
 
 
 class DoubleSignal:
@@ -107,7 +120,10 @@ class SignalDuringEvaluation(DatasetEvaluator):
     def process(self, inputs, outputs):
         if not self.sent:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            if KIND == "group-eval":
+                signal_process_group()
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
             note("signalled during evaluation")
 
     def evaluate(self):
@@ -124,7 +140,7 @@ class ProbeTrainer(train_net.Trainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         evaluator = super().build_evaluator(cfg, dataset_name, output_folder)
-        if KIND == "eval":
+        if KIND in ("eval", "group-eval"):
             return DatasetEvaluators([evaluator, SignalDuringEvaluation()])
         return evaluator
 

@@ -20,7 +20,8 @@ EXIT_INTERRUPTED = 75  # the status itself is the contract with the sweep, so it
 
 
 def _probe(tmp_path, kind, iteration, *opts, name="run"):
-    """train_net.py (through tests/stop_probe.py) with a probe of ``kind`` at ``iteration``."""
+    """train_net.py (through tests/stop_probe.py) with a probe of ``kind`` at ``iteration``, in a
+    session (and process group) of its own."""
     output = tmp_path / name
     output.mkdir()
     command = [sys.executable, os.path.join(REPO, "tests", "stop_probe.py"), "--config-file"]
@@ -40,6 +41,7 @@ def _probe(tmp_path, kind, iteration, *opts, name="run"):
         timeout=600,
         env=env,
         cwd=REPO,
+        start_new_session=True,
     )
     probe = output / "probe.txt"
     return output, result, probe.read_text() if probe.exists() else ""
@@ -107,6 +109,21 @@ def test_sigusr2_stops_gracefully(tmp_path):
     _assert_stopped_after(output, result, 1)
 
 
+@pytest.mark.parametrize("kind", ["group", "group-eval"])
+def test_sigterm_to_the_whole_process_group_spares_the_dataloader_workers(tmp_path, kind):
+    # Slurm's scancel and `kill -TERM -<pgid>` signal every process of the run: a DataLoader worker
+    # that died of it would crash the run (torch raises in the main process) before its stop.
+    opts = ["DATALOADER.NUM_WORKERS", "1"]
+    if kind == "group-eval":
+        opts += ["TEST.EVAL_PERIOD", "3"]  # at iteration 2, whose test loader has a worker too
+    output, result, probe = _probe(tmp_path, kind, 2, *opts)
+    assert probe.startswith("fired") or "signalled during evaluation" in probe, result.stdout[
+        -3000:
+    ]
+    _assert_stopped_after(output, result, 2)
+    assert "DataLoader worker" not in result.stdout
+
+
 def test_an_error_saves_nothing_and_keeps_last_checkpoint(tmp_path):
     output, result, _ = _probe(tmp_path, "nan", 4, "SOLVER.CHECKPOINT_PERIOD", "3")
     assert result.returncode not in (0, EXIT_INTERRUPTED), result.stdout[-3000:]
@@ -147,3 +164,44 @@ def test_two_ranks_stop_together_on_a_signal_to_the_parent_and_resume_exactly(tm
     assert a["iteration"] == b["iteration"] == 11
     for key in b["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+class _SignalDispositions:
+    """A map-style dataset whose items are the worker's stop-signal handlers, as seen there."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import signal
+
+        from masklab_d2.engine import STOP_SIGNALS
+
+        return {"image": index, "handlers": [signal.getsignal(s) for s in STOP_SIGNALS]}
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_spare_loader_workers_makes_detectron2_loader_workers_ignore_stop_signals(grouped):
+    import signal
+
+    from detectron2.data.build import build_batch_data_loader, worker_init_reset_seed
+    from detectron2.data.samplers import InferenceSampler
+
+    from masklab_d2.engine import spare_loader_workers
+
+    dataset = _SignalDispositions()
+    loader = build_batch_data_loader(
+        dataset, InferenceSampler(len(dataset)), 2, aspect_ratio_grouping=grouped, num_workers=1
+    )
+    assert spare_loader_workers(loader) is loader
+    torch_loader = loader.dataset if grouped else loader  # AspectRatioGroupedDataset wraps it
+    init = torch_loader.worker_init_fn
+    assert init.args == (worker_init_reset_seed,)  # detectron2's own seeding still runs
+    spare_loader_workers(loader)
+    assert torch_loader.worker_init_fn is init  # once: a second call adds no second wrapper
+    if not grouped:  # the aspect-ratio grouping needs image sizes: iterate the plain loader only
+        batch = next(iter(loader))
+        assert all(h == signal.SIG_IGN for item in batch for h in item["handlers"]), batch
+
+    no_workers = build_batch_data_loader(dataset, InferenceSampler(2), 2, num_workers=0)
+    assert spare_loader_workers(no_workers).worker_init_fn is worker_init_reset_seed

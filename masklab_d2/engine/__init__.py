@@ -11,6 +11,7 @@ from .graceful_stop import (
     install_signal_handlers,
     launch,
     request_stop,
+    spare_loader_workers,
     stop_requested,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "install_signal_handlers",
     "launch",
     "request_stop",
+    "spare_loader_workers",
     "stop_requested",
 ]

@@ -14,19 +14,24 @@ evaluations and cuts checkpoint writes short, so here:
 * the process exits with :data:`EXIT_INTERRUPTED` (75, EX_TEMPFAIL: try again later), which the
   sweep records as "interrupted" and ``--resume`` continues from;
 * with several processes per machine, :func:`launch` (detectron2's, wrapped) forwards the signals
-  its parent receives to the ranks, so none of them is left training as an orphan.
+  its parent receives to the ranks, so none of them is left training as an orphan;
+* DataLoader workers ignore stop signals (:func:`spare_loader_workers` on every loader with
+  workers): Slurm's ``scancel`` and ``kill -TERM -<pgid>`` signal every process of a job, and
+  a worker killed by it makes torch raise in the main process, mid-step or mid-save.
 
 Exceptions (a NaN loss, an out-of-memory) save nothing: ``last_checkpoint`` keeps pointing at the
 last good checkpoint.
 
 Any detectron2 trainer can use it::
 
+    loader = spare_loader_workers(build_detection_train_loader(...))   # and test loaders
     trainer.register_hooks([GracefulStopHook(checkpointer)])   # last, after the LR scheduler
     # (DefaultTrainer subclasses: GracefulStopHook() saves with trainer.checkpointer)
     launch(main, num_gpus, ...)                                 # instead of detectron2's launch
 """
 
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
@@ -42,6 +47,7 @@ from detectron2.engine import HookBase
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
+from torch.utils.data import DataLoader
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +108,49 @@ def _record(signum: int, frame: Any) -> None:
 def _in_forked_child(signum: int) -> None:
     """Forked children (DataLoader workers, pools) inherit the handler.
 
-    DataLoader workers ignore every stop signal: Slurm signals all processes of a job step, and a
-    worker killed by it would crash the training before its checkpoint; the main process stops
-    them itself. Other children keep SIGTERM's default, since multiprocessing pools terminate
-    their workers with it.
+    DataLoader workers ignore every stop signal, as :func:`spare_loader_workers` makes them (the
+    main process stops them itself). Other children keep SIGTERM's default, since
+    multiprocessing pools terminate their workers with it.
     """
     from torch.utils.data import get_worker_info
 
     if signum == signal.SIGTERM and get_worker_info() is None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _ignore_stop_signals(worker_init_fn: Optional[Callable[[int], None]], worker_id: int) -> None:
+    """A DataLoader worker's init: stop signals are ignored, then the loader's own init runs."""
+    # torch's worker loop has just replaced the inherited SIGTERM handler by its own C handler,
+    # which kills the worker when another process than its parent sends the signal.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def spare_loader_workers(loader: Any) -> Any:
+    """Makes the worker processes of ``loader`` ignore stop signals; returns ``loader``.
+
+    A stop signal sent to every process of a run (Slurm's ``scancel``, ``kill -TERM -<pgid>``)
+    would kill the workers, and torch then raises "DataLoader worker ... is killed by signal" in
+    the main process wherever it is, the stop's checkpoint write included. Ignoring it there
+    leaves the stop to the main process; the workers end with their loader, as always.
+
+    Args:
+        loader: a torch DataLoader, or a dataset that iterates one as its ``dataset`` attribute
+            (detectron2's AspectRatioGroupedDataset, built for aspect-ratio grouping); anything
+            else, e.g. a loader without workers, is returned unchanged.
+    """
+    torch_loader = loader
+    while not isinstance(torch_loader, DataLoader) and hasattr(torch_loader, "dataset"):
+        torch_loader = torch_loader.dataset
+    if isinstance(torch_loader, DataLoader) and torch_loader.num_workers > 0:
+        init = torch_loader.worker_init_fn
+        if not (isinstance(init, functools.partial) and init.func is _ignore_stop_signals):
+            # A partial of module-level functions: it pickles, for spawn-started workers too.
+            torch_loader.worker_init_fn = functools.partial(_ignore_stop_signals, init)
+    return loader
 
 
 def install_signal_handlers(signals: Sequence[int] = STOP_SIGNALS) -> bool:

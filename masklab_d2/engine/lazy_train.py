@@ -33,7 +33,12 @@ from masklab_d2.data import register_coco_datasets
 from masklab_d2.modeling import MaskLabCheckpointer
 from masklab_d2.modeling.optim import module_lr_factors
 
-from .graceful_stop import EXIT_INTERRUPTED, GracefulStopHook, stop_requested
+from .graceful_stop import (
+    EXIT_INTERRUPTED,
+    GracefulStopHook,
+    spare_loader_workers,
+    stop_requested,
+)
 
 logger = logging.getLogger("masklab_d2")
 
@@ -112,9 +117,8 @@ def do_test(cfg, model: nn.Module) -> dict:
     """Inference on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; {} without one."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    loader = spare_loader_workers(instantiate(cfg.dataloader.test))
+    results = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     return results
 
@@ -140,7 +144,8 @@ def do_train(args, cfg) -> None:
     model = build_model(cfg)
     logger.info(f"Model:\n{model}")
     optimizer = build_optimizer(cfg, model)
-    train_loader = instantiate(cfg.dataloader.train)
+    # Its workers survive a stop signal sent to every process of the run (graceful stops).
+    train_loader = spare_loader_workers(instantiate(cfg.dataloader.train))
     model = create_ddp_model(model, **cfg.train.ddp)
     amp = cfg.train.amp.enabled
     if amp and cfg.train.device == "cpu":

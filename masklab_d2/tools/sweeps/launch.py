@@ -231,10 +231,10 @@ def stop_active_runs(timeout: float = 300.0) -> None:
     with _ACTIVE_LOCK:
         processes = list(_ACTIVE.values())
     for process in processes:
-        # The main process only, not its group: a DataLoader worker dies on a SIGTERM that its
-        # parent did not send (torch's worker handler), and the parent then raises in the middle
-        # of a step, before the stop's checkpoint. train_net.py stops its workers and forwards the
-        # signal to its ranks itself. (send_signal skips a process that has already exited.)
+        # The main process only, not its group: train_net.py stops its workers and forwards the
+        # signal to its ranks itself, and a train script of the user's own whose DataLoader
+        # workers do not ignore it (engine.spare_loader_workers) would lose them to torch's
+        # worker handler mid-step. (send_signal skips a process that has already exited.)
         process.send_signal(signal.SIGTERM)
     deadline = time.time() + timeout
     for process in processes:
