@@ -753,6 +753,37 @@ def load_run(path, name):
     return next(r for r in expand_runs(load_sweep(path)) if r.name == name)
 
 
+def test_a_retrained_starting_checkpoint_makes_finished_runs_stale(tmp_path, capsys):
+    # Head-only suites start every run from one detector file: a detector retrained at the same
+    # path (another machine, another seed) must not let old heads pass as heads on the new one.
+    detector = tmp_path / "detector" / "model_final.pth"
+    detector.parent.mkdir()
+    detector.write_bytes(b"detector v1")
+    path = fake_sweep(tmp_path, parallel=1, extra=f"opts: {{MODEL.WEIGHTS: {detector}}}")
+    only = ["--filter", r"LR=0\.1__seed=0", "--no-report"]
+    assert sweep_tool.main([path] + only) == 0
+    run = load_run(path, "SOLVER.BASE_LR=0.1__seed=0")
+    assert run_state(run.output_dir, fingerprint=run_fingerprint(run)) == DONE
+
+    detector.write_bytes(b"detector v2")  # retrained in place
+    capsys.readouterr()
+    assert sweep_tool.main([path] + only) == 0
+    out = capsys.readouterr().out
+    assert f"{run.name}: stale (initial weights changed" in out and "launching 0" in out
+    assert len(calls(run.output_dir)) == 1
+
+    # Contents decide, not the file's time: the same bytes written again are the same start.
+    detector.write_bytes(b"detector v1")
+    os.utime(detector, ns=(1, 1))
+    assert run_state(run.output_dir, fingerprint=run_fingerprint(run)) == DONE
+    # A status recorded before weights digests is judged by its config and code alone.
+    recorded = dict(run_fingerprint(run))
+    del recorded["weights"]
+    write_status(run.output_dir, state=DONE, fingerprint=recorded)
+    detector.write_bytes(b"detector v3")
+    assert run_state(run.output_dir, fingerprint=run_fingerprint(run)) == DONE
+
+
 def test_changed_training_code_makes_runs_stale_and_a_mere_commit_does_not(tmp_path):
     path = fake_sweep(tmp_path)
     run = load_run(path, "SOLVER.BASE_LR=0.1__seed=0")

@@ -1,4 +1,5 @@
-"""A run's fingerprint: the hash of its merged config and of the code that trains it.
+"""A run's fingerprint: the hash of its merged config, of the checkpoint it starts from and of
+the code that trains it.
 
 The sweep records the fingerprint in each run's status file when it launches the run and
 compares it with the current one on every rerun, so that a changed option, config file or code
@@ -7,6 +8,9 @@ never passes an old result off as the new one's. "The code" is what a run execut
 setup.py), hashed from its files' contents, committed or not; a commit that only
 touches documentation, tests, projects/ or the tools that drive and report runs leaves every
 finished run valid, so a sweep spread over several sittings survives the work done between them.
+The checkpoint a run starts from (``MODEL.WEIGHTS``, e.g. the shared frozen detector of the
+head-only suites) is hashed from its contents: a retrained detector at the same path makes the
+runs trained on the old one stale, so a table never mixes heads trained on different detectors.
 The commit itself is recorded too, for the reader.
 """
 
@@ -15,7 +19,7 @@ import hashlib
 import json
 import os
 import subprocess
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
@@ -26,22 +30,58 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def config_hash(config_file: str, overrides: Sequence[str]) -> str:
-    """The hash of the config a run trains with: detectron2's defaults, masklab_d2's keys, the
-    file (with its _BASE_ files) and the overrides, merged as train_net.py merges them.
-
-    Where they cannot be merged here (no detectron2, a key it does not know, which the run will
-    fail on), the hash covers the files' texts and the overrides instead.
-    """
+def _merged_config(config_file: str, overrides: Sequence[str]) -> Optional[object]:
+    """The config as train_net.py merges it, or None where it cannot be merged here (no
+    detectron2, a key it does not know, which the run will fail on, a LazyConfig file)."""
     # The device says where a run trains, not what; a CPU sweep host and a GPU node must agree.
     overrides = list(overrides) + ["MODEL.DEVICE", "cpu"]
     try:
         from masklab_d2.config import load_config
 
-        text = load_config(config_file, overrides).dump()
-    except Exception:  # noqa: BLE001  (any failure to merge: hash what the run would read)
-        text = json.dumps([_config_texts(config_file), overrides])
+        return load_config(config_file, overrides)
+    except Exception:  # noqa: BLE001  (any failure to merge: the caller hashes what it can)
+        return None
+
+
+def config_hash(config_file: str, overrides: Sequence[str]) -> str:
+    """The hash of the config a run trains with: detectron2's defaults, masklab_d2's keys, the
+    file (with its _BASE_ files) and the overrides, merged as train_net.py merges them.
+
+    Where they cannot be merged here, the hash covers the files' texts and the overrides instead.
+    """
+    cfg = _merged_config(config_file, overrides)
+    if cfg is not None:
+        text = cfg.dump()
+    else:
+        text = json.dumps([_config_texts(config_file), list(overrides) + ["MODEL.DEVICE", "cpu"]])
     return _sha1(text)[:12]
+
+
+def initial_weights_digest(config_file: str, overrides: Sequence[str]) -> str:
+    """A hash of the contents of the checkpoint file a run starts from (``MODEL.WEIGHTS``).
+
+    Returns:
+        12 hex digits; "" when the run starts from no file of this machine (no weights, a URL or
+        a ``detectron2://`` name: the config hash covers that text) or its config cannot be
+        merged here; "unknown" when the file is not there (yet).
+    """
+    cfg = _merged_config(config_file, overrides)
+    weights = cfg.MODEL.WEIGHTS if cfg is not None else ""
+    if not weights or "://" in weights:
+        return ""
+    path = os.path.abspath(os.path.expanduser(weights))  # as the run resolves it: from the cwd
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "unknown"
+    return _file_digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha1 of a file, once per (path, size, modification time): a sweep's runs share one."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()[:12]
 
 
 def _config_texts(config_file: str, depth: int = 0) -> List[str]:
@@ -117,8 +157,9 @@ def code_version(root: str = str(REPO_ROOT)) -> str:
 
 
 def run_fingerprint(run: Run) -> Dict[str, str]:
-    """{"config": hash of the merged config, "code": training-code digest, "commit": code
-    version (for the reader; not compared)} of a run.
+    """{"config": hash of the merged config, "weights": digest of the checkpoint it starts from,
+    "code": training-code digest, "commit": code version (for the reader; not compared)} of a
+    run.
 
     The output folder is left out (a sweep moved with --output-root runs the same thing); the
     seed is in.
@@ -126,6 +167,7 @@ def run_fingerprint(run: Run) -> Dict[str, str]:
     overrides = ["OUTPUT_DIR", "", "SEED", str(run.seed)] + list(run.cell.overrides)
     return {
         "config": config_hash(run.cell.config_file, overrides),
+        "weights": initial_weights_digest(run.cell.config_file, overrides),
         "code": training_code_digest(),
         "commit": code_version(),
     }

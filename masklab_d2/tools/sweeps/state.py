@@ -1,10 +1,11 @@
 """What a run folder says about its run: done, interrupted, failed, stale, queued or running.
 
 A run is **done** when its folder has ``model_final.pth`` and the final evaluation, and its
-status file (``sweep_run.json``) records the fingerprint of what it ran (the merged config's hash
-and the training code's digest, :mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the
-sweep would run now. A run whose recorded fingerprint differs, or that has none, is **stale**: it is reported
-and left alone unless ``--rerun-stale``.
+status file (``sweep_run.json``) records the fingerprint of what it ran (the merged config's hash,
+the digest of the checkpoint it started from and the training code's digest,
+:mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the sweep would run now. A run whose
+recorded fingerprint differs, or that has none, is **stale**: it is reported and left alone unless
+``--rerun-stale``.
 """
 
 import json
@@ -129,9 +130,9 @@ def stale_reason(output_dir: str, fingerprint: Optional[Dict[str, str]]) -> Opti
 
     Args:
         output_dir: a folder holding a run (finished, interrupted or failed).
-        fingerprint: {"config": hash, "code": digest, "commit": commit} of what the sweep would
-            run now (:func:`~masklab_d2.tools.sweeps.fingerprint.run_fingerprint`); None
-            skips the check.
+        fingerprint: {"config": hash, "weights": digest, "code": digest, "commit": commit} of
+            what the sweep would run now
+            (:func:`~masklab_d2.tools.sweeps.fingerprint.run_fingerprint`); None skips the check.
     """
     if fingerprint is None:
         return None
@@ -140,6 +141,10 @@ def stale_reason(output_dir: str, fingerprint: Optional[Dict[str, str]]) -> Opti
         return "no fingerprint recorded (run before fingerprints, or not by the sweep)"
     if recorded.get("config") != fingerprint.get("config"):
         return f"config changed ({recorded.get('config')} -> {fingerprint.get('config')})"
+    # A status recorded before weights digests has none: only its config and code are compared.
+    ran, now = recorded.get("weights"), fingerprint.get("weights")
+    if "weights" in recorded and ran != now and "unknown" not in (ran, now):
+        return f"initial weights changed (MODEL.WEIGHTS file {ran or 'none'} -> {now or 'none'})"
     # The training code's digest decides; a run recorded before digests falls back to the commit.
     key = "code" if "code" in recorded and "code" in fingerprint else "commit"
     ran, now = recorded.get(key), fingerprint.get(key)
