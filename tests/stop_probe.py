@@ -10,9 +10,10 @@ not signalled again). ``probe.txt`` in the output folder records what happened. 
 * ``import``: SIGTERM while a module is being imported (as TensorBoard's writer is on first
   use); the probe records "imported" in ``probe.txt`` when the import completed;
 * ``eval``: SIGTERM while the periodic evaluation at that iteration processes its first batch;
-* ``group``, ``group-eval``: as ``import`` and ``eval``, but SIGTERM goes to every process of the
-  run's process group, DataLoader workers included, from another process (as Slurm's ``scancel``
-  or ``kill -TERM -<pgid>`` send it; start the run in a session of its own);
+* ``group``: after that iteration, SIGTERM to every process of the run's process group,
+  DataLoader workers included, from another process (as Slurm's ``scancel`` or ``kill -TERM
+  -<pgid>`` send it; start the run in a session of its own); ``group-eval``: the same during the
+  evaluation, as ``eval``;
 * ``double``: SIGINT, then SIGTERM and SIGUSR2 while the stop's checkpoint is being written;
 * ``usr2``: SIGUSR2 (submitit's warning before a Slurm time limit);
 * ``nan``: the weights become NaN before that iteration, so the loss does (an error, no stop).

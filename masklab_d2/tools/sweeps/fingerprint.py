@@ -33,8 +33,6 @@ def _sha1(text: str) -> str:
 def _merged_config(config_file: str, overrides: Sequence[str]) -> Optional[object]:
     """The config as train_net.py merges it, or None where it cannot be merged here (no
     detectron2, a key it does not know, which the run will fail on, a LazyConfig file)."""
-    # The device says where a run trains, not what; a CPU sweep host and a GPU node must agree.
-    overrides = list(overrides) + ["MODEL.DEVICE", "cpu"]
     try:
         from masklab_d2.config import load_config
 
@@ -43,29 +41,29 @@ def _merged_config(config_file: str, overrides: Sequence[str]) -> Optional[objec
         return None
 
 
-def config_hash(config_file: str, overrides: Sequence[str]) -> str:
+def config_hash(config_file: str, overrides: Sequence[str], cfg: Optional[object] = None) -> str:
     """The hash of the config a run trains with: detectron2's defaults, masklab_d2's keys, the
     file (with its _BASE_ files) and the overrides, merged as train_net.py merges them.
 
     Where they cannot be merged here, the hash covers the files' texts and the overrides instead.
+    ``cfg``: the merged config (:func:`_merged_config`), when the caller has it already.
     """
-    cfg = _merged_config(config_file, overrides)
-    if cfg is not None:
-        text = cfg.dump()
-    else:
-        text = json.dumps([_config_texts(config_file), list(overrides) + ["MODEL.DEVICE", "cpu"]])
+    cfg = _merged_config(config_file, overrides) if cfg is None else cfg
+    text = cfg.dump() if cfg is not None else json.dumps([_config_texts(config_file), overrides])
     return _sha1(text)[:12]
 
 
-def initial_weights_digest(config_file: str, overrides: Sequence[str]) -> str:
+def initial_weights_digest(cfg: Optional[object]) -> str:
     """A hash of the contents of the checkpoint file a run starts from (``MODEL.WEIGHTS``).
+
+    Args:
+        cfg: the run's merged config (:func:`_merged_config`), None where it could not be merged.
 
     Returns:
         12 hex digits; "" when the run starts from no file of this machine (no weights, a URL or
         a ``detectron2://`` name: the config hash covers that text) or its config cannot be
         merged here; "unknown" when the file is not there (yet).
     """
-    cfg = _merged_config(config_file, overrides)
     weights = cfg.MODEL.WEIGHTS if cfg is not None else ""
     if not weights or "://" in weights:
         return ""
@@ -165,9 +163,12 @@ def run_fingerprint(run: Run) -> Dict[str, str]:
     seed is in.
     """
     overrides = ["OUTPUT_DIR", "", "SEED", str(run.seed)] + list(run.cell.overrides)
+    # The device says where a run trains, not what; a CPU sweep host and a GPU node must agree.
+    overrides += ["MODEL.DEVICE", "cpu"]
+    cfg = _merged_config(run.cell.config_file, overrides)  # once, for both hashes
     return {
-        "config": config_hash(run.cell.config_file, overrides),
-        "weights": initial_weights_digest(run.cell.config_file, overrides),
+        "config": config_hash(run.cell.config_file, overrides, cfg),
+        "weights": initial_weights_digest(cfg),
         "code": training_code_digest(),
         "commit": code_version(),
     }
