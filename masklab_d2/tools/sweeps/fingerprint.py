@@ -41,14 +41,14 @@ def _merged_config(config_file: str, overrides: Sequence[str]) -> Optional[objec
         return None
 
 
-def config_hash(config_file: str, overrides: Sequence[str], cfg: Optional[object] = None) -> str:
+def config_hash(config_file: str, overrides: Sequence[str], cfg: Optional[object]) -> str:
     """The hash of the config a run trains with: detectron2's defaults, masklab_d2's keys, the
     file (with its _BASE_ files) and the overrides, merged as train_net.py merges them.
 
-    Where they cannot be merged here, the hash covers the files' texts and the overrides instead.
-    ``cfg``: the merged config (:func:`_merged_config`), when the caller has it already.
+    Args:
+        cfg: that merged config (:func:`_merged_config`); None where it could not be merged here,
+            and the hash covers the files' texts and the overrides instead.
     """
-    cfg = _merged_config(config_file, overrides) if cfg is None else cfg
     text = cfg.dump() if cfg is not None else json.dumps([_config_texts(config_file), overrides])
     return _sha1(text)[:12]
 
