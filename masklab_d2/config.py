@@ -11,7 +11,6 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-
 # MASKLAB_ALLOW_CPU=1 lets a CUDA config run on the CPU where no GPU is visible.
 ALLOW_CPU_ENV = "MASKLAB_ALLOW_CPU"
 

@@ -14,7 +14,8 @@ evaluations and cuts checkpoint writes short, so here:
 * the process exits with :data:`EXIT_INTERRUPTED` (75, EX_TEMPFAIL: try again later), which the
   sweep records as "interrupted" and ``--resume`` continues from;
 * with several processes per machine, :func:`launch` (detectron2's, wrapped) forwards the signals
-  its parent receives to the ranks, so none of them is left training as an orphan;
+  its parent receives to the ranks, so none of them is left training as an orphan, and each
+  rank destroys its process group before it exits, stopped or finished;
 * DataLoader workers ignore stop signals (:func:`spare_loader_workers` on every loader with
   workers): Slurm's ``scancel`` and ``kill -TERM -<pgid>`` signal every process of a job, and
   a worker killed by it makes torch raise in the main process, mid-step or mid-save.
@@ -32,6 +33,7 @@ Any detectron2 trainer can use it::
 
 import dataclasses
 import functools
+import gc
 import logging
 import multiprocessing
 import os
@@ -252,11 +254,30 @@ def _stoppable_main(main_func: Callable, *args) -> Any:
     EXIT_INTERRUPTED (module-level, so that detectron2's launch can pickle it)."""
     if _STATE.pid != os.getpid():
         install_signal_handlers()  # a rank started by launch: a fresh interpreter
+    stopped = None
     try:
-        return main_func(*args)
+        result = main_func(*args)
     except StopTraining as stop:
-        logger.warning(f"Stopped: {stop}; exiting with status {EXIT_INTERRUPTED}")
+        stopped = str(stop)  # not the exception: its traceback would keep the trainer alive
+    if stopped is None:
+        comm.synchronize()  # no rank tears the group down while another still needs it
+    _destroy_process_group()  # a stopped rank is past the barrier after the save already
+    if stopped is not None:
+        logger.warning(f"Stopped: {stopped}; exiting with status {EXIT_INTERRUPTED}")
         sys.exit(EXIT_INTERRUPTED)
+    return result
+
+
+def _destroy_process_group() -> None:
+    """Destroys the default process group, when there is one, before the rank's interpreter
+    exits: left to the exit, the gloo group's destructor races its own threads and aborts the
+    process ("terminate called without an active exception", SIGABRT) once in a few runs, after
+    training finished and the final checkpoint was written."""
+    if dist.is_available() and dist.is_initialized():
+        # The trainer's reference cycles keep DDP's reducer, and through it the gloo group and
+        # its pending work, alive until the exit's garbage collection: free them first.
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def _forward_to_ranks(signum: int, frame: Any) -> None:
