@@ -168,3 +168,16 @@ def test_bad_configuration_values_fail_clearly(tmp_path):
         ["MODEL.ROI_MASK_HEAD.NAME", "NoSuchHead", "SOLVER.MAX_ITER", "1"], tmp_path / "d"
     )
     assert result.returncode != 0 and "NoSuchHead" in result.stdout
+
+
+def test_more_gpus_than_the_machine_has_fail_clearly(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    result = _run(["--num-gpus", "2", "SOLVER.MAX_ITER", "1"], tmp_path / "a")
+    assert result.returncode != 0
+    assert "--num-gpus 2 starts one training process per GPU" in result.stdout, result.stdout[
+        -3000:
+    ]
+    assert "Traceback" not in result.stdout
