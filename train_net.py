@@ -212,11 +212,12 @@ def invoke_main(argv=None) -> None:
     """The command line: parses ``argv`` (sys.argv) and launches :func:`main` on every rank."""
     args = build_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
-    if args.num_gpus > 1 and torch.cuda.device_count() < args.num_gpus:
+    cuda_devices = torch.cuda.device_count()
+    if args.num_gpus > 1 and cuda_devices < args.num_gpus:
         # Else every rank fails inside DistributedDataParallel (device_ids on a CPU model).
         raise SystemExit(
             f"train_net.py: --num-gpus {args.num_gpus} starts one training process per GPU, and "
-            f"this machine has {torch.cuda.device_count()} CUDA device(s): detectron2's trainers "
+            f"this machine has {cuda_devices} CUDA device(s): detectron2's trainers "
             "run several processes on GPUs only; on the CPU, train with --num-gpus 1"
         )
     # masklab_d2.engine's launch: detectron2's, plus the signal handling of graceful stops.

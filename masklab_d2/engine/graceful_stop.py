@@ -254,14 +254,16 @@ def _stoppable_main(main_func: Callable, *args) -> Any:
     EXIT_INTERRUPTED (module-level, so that detectron2's launch can pickle it)."""
     if _STATE.pid != os.getpid():
         install_signal_handlers()  # a rank started by launch: a fresh interpreter
-    stopped = None
     try:
         result = main_func(*args)
     except StopTraining as stop:
         stopped = str(stop)  # not the exception: its traceback would keep the trainer alive
-    if stopped is None:
-        comm.synchronize()  # no rank tears the group down while another still needs it
-    _destroy_process_group()  # a stopped rank is past the barrier after the save already
+    else:
+        stopped = None
+        # No rank tears the group down while another still needs it (a stopped rank passed
+        # this barrier after the save).
+        comm.synchronize()
+    _destroy_process_group()
     if stopped is not None:
         logger.warning(f"Stopped: {stopped}; exiting with status {EXIT_INTERRUPTED}")
         sys.exit(EXIT_INTERRUPTED)
