@@ -310,6 +310,27 @@ def test_plan_skips_done_resumes_interrupted_and_retries_failed(tmp_path, capsys
     assert lines[4] == f"[failed, run] {runs[2].name}" and "--resume" not in lines[5]
 
 
+def test_dry_run_header_counts_cells_with_their_own_seeds_truthfully(tmp_path, capsys):
+    text = f"""
+        base_config: {MASK_RCNN}
+        output_root: {tmp_path / "out"}
+        axes: {{SOLVER.BASE_LR: [0.1, 0.2]}}
+        cells: [{{name: third, SOLVER.BASE_LR: 0.3, seeds: [0, 1, 2]}}]
+        seeds: [0, 1]
+    """
+    spec = load_sweep(write_sweep(tmp_path, text))
+    runs = expand_runs(spec)
+    assert len(runs) == 7
+    sweep_tool.print_dry_run(spec, runs, retry_failed=True)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "3 cells, 7 runs (some cells with their own seeds)" in header
+    assert "x 2 seeds" not in header
+
+    spec = load_sweep(write_sweep(tmp_path, text.replace("seeds: [0, 1, 2]", "seeds: [0, 1]")))
+    sweep_tool.print_dry_run(spec, expand_runs(spec), retry_failed=True)
+    assert "3 cells x 2 seeds = 6 runs" in capsys.readouterr().out.splitlines()[0]
+
+
 # --------------------------------------------------------------- launching with a fake trainer
 
 FAKE_TRAIN = r"""

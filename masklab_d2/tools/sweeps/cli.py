@@ -210,9 +210,14 @@ def print_dry_run(
 ) -> None:
     stream = stream or sys.stdout
     cells = {run.cell.name for run in runs}
+    # "cells x seeds" only when it is true: a cell with its own seeds breaks the product.
+    if all(run.cell.seeds in (None, tuple(spec.seeds)) for run in runs):
+        size = f"{len(cells)} cells x {len(spec.seeds)} seeds = {len(runs)} runs"
+    else:
+        size = f"{len(cells)} cells, {len(runs)} runs (some cells with their own seeds)"
     print(
-        f"# {spec.name}: {len(cells)} cells x {len(spec.seeds)} seeds = {len(runs)} runs "
-        f"in {spec.output_root} ({spec.launcher} launcher, parallel {spec.parallel})",
+        f"# {spec.name}: {size} in {spec.output_root} "
+        f"({spec.launcher} launcher, parallel {spec.parallel})",
         file=stream,
     )
     fingerprints = fingerprints_of(runs)
