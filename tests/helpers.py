@@ -4,6 +4,8 @@ Import only from test modules that already skip without detectron2.
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
@@ -12,6 +14,20 @@ from masklab_d2.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+
+
+def run_python(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root on one thread; stdout and stderr together in
+    ``.stdout``."""
+    return subprocess.run(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cwd=REPO,
+    )
 
 
 def tiny_cfg(config_file: str, **overrides):

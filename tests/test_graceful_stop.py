@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
+from helpers import run_python  # noqa: E402
 from test_train_net import CONFIG, REPO, TINY  # noqa: E402
 
 EXIT_INTERRUPTED = 75  # the status itself is the contract with the sweep, so it is spelled out
@@ -47,19 +48,6 @@ def _probe(tmp_path, kind, iteration, *opts, name="run"):
     return output, result, probe.read_text() if probe.exists() else ""
 
 
-def _python(*args, timeout=600):
-    """``python *args`` from the repository root on one thread; stdout and stderr together."""
-    return subprocess.run(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        cwd=REPO,
-    )
-
-
 def _checkpoint(output):
     import torch
 
@@ -85,7 +73,7 @@ def test_signal_during_an_import_completes_it_then_stops_and_resumes(tmp_path):
     _assert_stopped_after(output, result, 2)
 
     opts = ["SOLVER.MAX_ITER", "5", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(output)]
-    resumed = _python(
+    resumed = run_python(
         os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, "--resume", *TINY, *opts
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:]
@@ -144,7 +132,7 @@ def test_two_ranks_stop_together_on_a_signal_to_the_parent_and_resume_exactly(tm
     script = os.path.join(REPO, "tests", "stop_probe_ddp.py")
 
     def run(output, *args):
-        return _python(script, str(output), "12", *args)
+        return run_python(script, str(output), "12", *args)
 
     stopped = run(tmp_path / "stopped", "4")
     assert stopped.returncode == EXIT_INTERRUPTED, stopped.stdout[-3000:]
@@ -196,7 +184,7 @@ def test_a_rank_tears_its_process_group_down_before_it_exits(tmp_path, ending, p
     # Left to the interpreter's exit, gloo's group (held by DDP's reducer, which the trainer's
     # reference cycles keep alive) aborted a rank with SIGABRT in about one run in seven of the
     # two-rank test above, after training had finished.
-    result = _python("-c", _TEARDOWN_PROBE, str(tmp_path / "rendezvous"), ending, timeout=300)
+    result = run_python("-c", _TEARDOWN_PROBE, str(tmp_path / "rendezvous"), ending, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     # The group is gone and the DDP model that held it was freed, before the interpreter's exit.
     assert result.stdout.strip().splitlines()[-1] == f"{printed} False True", result.stdout[-3000:]

@@ -5,8 +5,6 @@ evaluate through the seen / unseen evaluator; train_net.py runs a .py config end
 import glob
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +15,7 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (see READM
 import torch  # noqa: E402
 from detectron2.config import LazyCall as L  # noqa: E402
 from detectron2.config import LazyConfig  # noqa: E402
+from helpers import run_python  # noqa: E402
 
 from masklab_d2.engine.lazy_train import do_train, resolve_device  # noqa: E402
 
@@ -82,15 +81,7 @@ def test_shapes_lazy_config_trains_and_evaluates(path, tmp_path):
 
 def _train_net(args, timeout=600):
     """train_net.py with ``args``; stdout and stderr together in .stdout."""
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_net.py")] + args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        cwd=REPO,
-    )
+    return run_python(os.path.join(REPO, "train_net.py"), *args, timeout=timeout)
 
 
 def test_train_net_runs_a_lazy_config_with_overrides_resume_and_eval_only(tmp_path):

@@ -13,6 +13,8 @@ import pytest
 pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
+from helpers import run_python  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
 TINY = [
@@ -43,18 +45,8 @@ TINY = [
 
 def _run(args, output_dir, timeout=600):
     """train_net.py on the tiny shapes splits; stdout and stderr together in .stdout."""
-    command = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG] + args
-    command += TINY + ["OUTPUT_DIR", str(output_dir)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+    command = [os.path.join(REPO, "train_net.py"), "--config-file", CONFIG] + args
+    return run_python(*command, *TINY, "OUTPUT_DIR", str(output_dir), timeout=timeout)
 
 
 def _metrics(output_dir):
