@@ -2,6 +2,7 @@
 (shapes: real partial-mask data loader, training and inference; COCO: one training step on a
 synthetic image), batches without masks, and the head-cost tool."""
 
+import copy
 import glob
 import os
 
@@ -19,6 +20,7 @@ from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, build_mask_hea
 from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats  # noqa: E402
 from helpers import CONFIGS, tiny_cfg  # noqa: E402
 from test_hourglass import EXPECTED_PARAMS, expected_predictor_params  # noqa: E402
 from torch import nn  # noqa: E402
@@ -273,6 +275,39 @@ def test_batch_without_masks_gives_zero_mask_loss(gt_crop):
     assert all(p.grad is None or not p.grad.any() for p in head.parameters())
     assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
     assert torch.equal(bn.running_mean, running_mean)
+
+
+class _HeadLayers(nn.Module):
+    """A mask head's layers as a model of pooled features, for fvcore's update_bn_stats."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        return self.head.layers(x)
+
+
+@pytest.mark.parametrize("network", ["hourglass10", "resnet4"])
+def test_precise_bn_passes_over_batches_without_rois(network):
+    """TEST.PRECISE_BN: fvcore's update_bn_stats divides by the batch size of each BN call, so a
+    batch with no RoI for the head (under partial supervision: no image with a masked instance)
+    must not reach a BN layer (it raised ZeroDivisionError); the statistics are then those of the
+    batches with RoIs. With R = 0 every parameter still gets a (zero) gradient, as DDP needs."""
+    torch.manual_seed(0)
+    head = build_mask_head(head_cfg(network), ShapeSpec(channels=16, height=8, width=8)).train()
+    empty, rois = torch.zeros(0, 16, 8, 8), torch.randn(3, 16, 8, 8) * 2 + 1
+    reference = copy.deepcopy(head)
+    update_bn_stats(_HeadLayers(reference), [rois], 1)
+    update_bn_stats(_HeadLayers(head), [empty, rois, empty], 3)
+    for bn, expected in zip(get_bn_modules(head), get_bn_modules(reference)):
+        assert torch.equal(bn.running_mean, expected.running_mean)
+        assert torch.equal(bn.running_var, expected.running_var)
+
+    logits = head.layers(empty)
+    assert logits.shape == (0, 1, 16, 16)
+    logits.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in head.parameters())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -127,6 +127,12 @@ class DeepMaskHead(BaseMaskRCNNHead):
         Returns:
             [R, K, 2H, 2W] mask logits, e.g. [R, 1, 64, 64] for 32x32 class-agnostic crops.
         """
+        if x.shape[0] == 0:
+            # No RoI (under partial supervision, a batch without a masked instance): skip the
+            # layers, because PreciseBN (fvcore's update_bn_stats) divides by the batch size of
+            # every BN call. The zero term keeps each parameter in the graph, as DDP needs.
+            unused = sum(p.sum() for p in self.parameters()) * 0.0
+            return x.new_zeros(0, self.num_classes, 2 * x.shape[2], 2 * x.shape[3]) + unused
         return self.predictor(self.network(x))
 
     def extra_repr(self) -> str:
