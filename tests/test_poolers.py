@@ -90,4 +90,35 @@ def test_comparison_configs_share_one_cropping_convention():
             assert mask.POOLER_TYPE in ("CropAndResize", ""), path
         else:
             assert box.POOLER_TYPE == "ROIAlignV2", path
-            assert mask.POOLER_TYPE in ("ROIAlignV2", "") and mask.POOLER_SAMPLING_RATIO == 1, path
+            assert mask.POOLER_TYPE in ("ROIAlignV2", ""), path
+        # The ROIAlignV2 poolers a head builds for itself (BlendMask's attention) read it.
+        assert mask.POOLER_SAMPLING_RATIO == 1, path
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "shapes/blendmask_R_18_FPN.yaml",
+        "shapes-partial/blendmask_R_18_FPN_gtcrop.yaml",
+        "lazy/shapes-partial/blendmask_R_18_FPN_gtcrop.py",
+    ],
+)
+def test_blendmask_attention_pooler_takes_one_sample_per_bin(config):
+    """The attention pooler of the comparison's BlendMask models (YAML and lazy) follows the
+    shared convention; the shapes configs left it at detectron2's adaptive default."""
+    import os
+
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.modeling import build_model
+
+    from masklab_d2.config import load_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", config)
+    if path.endswith(".py"):
+        model = instantiate(LazyConfig.load(path).model)
+    else:
+        cfg = load_config(path)
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+    level_poolers = model.roi_heads.mask_head.attn_pooler.level_poolers
+    assert [pooler.sampling_ratio for pooler in level_poolers] == [1] * len(level_poolers)

@@ -134,7 +134,7 @@ class BlendMaskHead(nn.Module):
         norm: str = "BN",
         attn_num_convs: int = 2,
         attn_conv_dim: int = 128,
-        attn_sampling_ratio: int = 0,
+        attn_sampling_ratio: int = 1,
         semantic_loss_weight: float = 0.3,
         num_classes: int = 80,
         loss_weight: float = 1.0,
@@ -153,7 +153,8 @@ class BlendMaskHead(nn.Module):
             bottom_conv_dim, bottom_num_convs, norm: the bottom module (see
                 :class:`~masklab_d2.layers.blender.BottomModule`); ``norm`` also in the seg head.
             attn_num_convs, attn_conv_dim: the attention network's 3x3 convs and their width.
-            attn_sampling_ratio: sampling ratio of the attention pooler (0: adaptive).
+            attn_sampling_ratio: sampling ratio of the attention pooler (0: adaptive); 1, one
+                sample per bin, is the cropping convention every head's crops share.
             semantic_loss_weight: weight of ``loss_basis_sem``; 0 builds no segmentation head.
             num_classes: foreground classes (the semantic head predicts num_classes + 1).
             loss_weight: weight of ``loss_mask``.
