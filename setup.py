@@ -138,6 +138,13 @@ def _with_cuda(cuda_home):
     if os.environ.get("MASKLAB_CPU_ONLY", "0") == "1":
         return False
     if os.environ.get("FORCE_CUDA", "0") == "1":
+        if TORCH_CUDA is None:
+            sys.exit("masklab_d2: FORCE_CUDA=1 needs a CUDA build of torch; this one is CPU-only.")
+        if cuda_home is None:
+            sys.exit(
+                f"masklab_d2: FORCE_CUDA=1, but no CUDA toolkit matching torch's CUDA {TORCH_CUDA} "
+                "was found: set CUDA_HOME to one, or unset FORCE_CUDA."
+            )
         return True
     return TORCH_CUDA is not None and cuda_home is not None and _has_cuda_runtime(cuda_home)
 

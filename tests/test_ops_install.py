@@ -53,6 +53,19 @@ def test_toolkit_is_chosen_by_version_matching_torch(setup_module, monkeypatch, 
     assert "torch was built with CUDA 13.0" in message and "cuda-9.2 (CUDA 9.2)" in message
 
 
+def test_force_cuda_without_a_toolkit_fails_clearly(setup_module, monkeypatch):
+    """FORCE_CUDA=1 with nothing to build the CUDA kernels with: a message, not a TypeError
+    from the architecture list's nvcc lookup."""
+    monkeypatch.delenv("MASKLAB_CPU_ONLY", raising=False)
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    monkeypatch.setattr(setup_module, "TORCH_CUDA", "13.0")
+    with pytest.raises(SystemExit, match="no CUDA toolkit matching torch's CUDA 13.0"):
+        setup_module.get_extensions(None)
+    monkeypatch.setattr(setup_module, "TORCH_CUDA", None)
+    with pytest.raises(SystemExit, match="CPU-only"):
+        setup_module.get_extensions("/usr/local/cuda")
+
+
 def test_default_arch_list_covers_torch_arches_with_ptx(setup_module, monkeypatch):
     monkeypatch.setattr(
         setup_module.torch._C,

@@ -108,13 +108,16 @@ inline const char* layout_name(Layout layout) {
   }
 }
 
-// Channels per feature-gradient work item: enough items for every thread (4 per thread, for
-// images with more boxes than others), at most kTransposeBlock, at least kMinGradBlock (or C).
-inline int64_t gradient_channel_block(int64_t batch_size, int64_t channels) {
-  const int64_t items_wanted = 4 * static_cast<int64_t>(at::get_num_threads());
-  const int64_t blocks_per_image =
-      std::max<int64_t>(1, (items_wanted + batch_size - 1) / batch_size);
-  int64_t block = (channels + blocks_per_image - 1) / blocks_per_image;
+// Channels per feature-gradient work item: the fewest blocks of at most kTransposeBlock channels
+// whose number is a multiple of the thread count, so that with the items run block-major (see
+// feature_gradient) each thread gets the same channels of every image, however the boxes fall
+// over the images; at least kMinGradBlock channels (or C).
+inline int64_t gradient_channel_block(int64_t channels) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (channels + threads - 1) / threads;
+  const int64_t blocks_per_thread = std::max<int64_t>(
+      1, (per_thread + kTransposeBlock - 1) / kTransposeBlock);
+  int64_t block = (channels + threads * blocks_per_thread - 1) / (threads * blocks_per_thread);
   block = (block + kMinGradBlock - 1) / kMinGradBlock * kMinGradBlock;
   return std::max<int64_t>(1, std::min({block, kTransposeBlock, std::max(channels, int64_t(1))}));
 }
@@ -298,19 +301,22 @@ void feature_gradient(
     acc_t* grad_data) {
   const int64_t num_samples = spec.out_h * spec.out_w;
   const int64_t plane_size = height * width;
-  const int64_t block_size = gradient_channel_block(batch_size, channels);
+  const int64_t block_size = gradient_channel_block(channels);
   const int64_t blocks_per_image = (channels + block_size - 1) / block_size;
   const auto groups = group_boxes_by_image(box_data, num_boxes, batch_size);
   const auto& group_start = groups.first;
   const auto& boxes_by_image = groups.second;
   const bool channels_last = layout != Layout::kNchw;
 
+  // Block-major items (every image's first channel block, then every image's second, ...): a
+  // thread's contiguous range of items then holds about the same channels of every image, so one
+  // image with most of the boxes does not land on one thread.
   at::parallel_for(0, batch_size * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<BilinearSample<acc_t>> samples(num_samples);
     std::vector<acc_t> tile(channels_last ? num_samples * kTransposeBlock : 0);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t batch = item / blocks_per_image;
-      const int64_t c0 = (item % blocks_per_image) * block_size;
+      const int64_t batch = item % batch_size;
+      const int64_t c0 = (item / batch_size) * block_size;
       const int64_t block = std::min(block_size, channels - c0);
       acc_t* grad_image = grad_data + batch * plane_size * channels;
       for (int64_t g = group_start[batch]; g < group_start[batch + 1]; ++g) {

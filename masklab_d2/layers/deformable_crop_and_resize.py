@@ -33,7 +33,8 @@ def deformable_crop_and_resize(
     """Crop-and-resize with per-sub-box offsets (compiled op).
 
     Args:
-        features: [N, C, H, W].
+        features: [N, C, H, W], any float dtype, any memory format; channels-last is the CPU
+            fast path (as for :func:`~masklab_d2.layers.crop_and_resize`).
         boxes: [K, 5] (batch_index, x1, y1, x2, y2) in input pixels, or a list of [K_i, 4].
         offsets: [K, 2, G, G] sub-box offsets in units of the box size (channel 0: x, 1: y).
             G must divide both output sides.

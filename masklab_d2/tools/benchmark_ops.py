@@ -2,12 +2,14 @@
 
     python3 -m masklab_d2.tools.benchmark_ops [--maps fpn shapes 64x64] [--sizes 7 14]
         [--boxes 512] [--channels 256] [--threads 1 0] [--layouts nchw channels_last]
-        [--devices cpu cuda] [--repeat 7] [--markdown out.md]
+        [--devices cpu cuda] [--repeat 7] [--boxes-on-one-image] [--markdown out.md]
 
 Maps (``--maps``): ``fpn`` is P2-P5 of an 800x1216 image (200x304 at stride 4 ... 25x38 at
 stride 32), ``shapes`` P2-P5 of the shapes dataset's 256x256 images (64x64 ... 8x8), ``HxW`` a
 map at stride 16; every map is a batch of 2. Each row crops ``--boxes`` boxes spread over the
-image (worst case: all on one level) with one bilinear sample per output pixel for every op.
+image (worst case: all on one level), each on one of the 2 images at random (with
+``--boxes-on-one-image``, all on the first: a batch whose images hold very different numbers of
+boxes), with one bilinear sample per output pixel for every op.
 
 Ops and baselines, all producing [K, C, S, S] from the same features and boxes:
 
@@ -160,6 +162,7 @@ def benchmark(
     repeat: int,
     seed: int,
     ops: Sequence[str] = ("roi_align", "grid_sample", "crop", "deformable"),
+    boxes_on_one_image: bool = False,
 ) -> List[Dict[str, object]]:
     from torchvision.ops import roi_align
 
@@ -172,6 +175,8 @@ def benchmark(
         xy = torch.rand(num_boxes, 2, generator=generator) * torch.tensor([image_w, image_h]) * 0.7
         wh = torch.rand(num_boxes, 2, generator=generator) * torch.tensor([image_w, image_h]) * 0.3
         batch_index = torch.randint(0, 2, (num_boxes, 1), generator=generator).float()
+        if boxes_on_one_image:
+            batch_index.zero_()
         rois = torch.cat([batch_index, xy, xy + wh + stride], dim=1).to(device)
         scale = 1.0 / stride
         for size in sizes:
@@ -299,6 +304,9 @@ def main(argv=None):
     )
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--boxes-on-one-image", action="store_true", help="all boxes on the first image"
+    )
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
 
@@ -319,12 +327,15 @@ def main(argv=None):
                 args.repeat,
                 args.seed,
                 args.ops,
+                args.boxes_on_one_image,
             )
     finally:
         torch.set_num_threads(previous_threads)
     table = format_table(rows)
     header = (
-        f"{args.boxes} boxes per map (batch of 2), {args.channels} channels, float32, one sample "
+        f"{args.boxes} boxes per map (batch of 2, "
+        f"{'all on the first image' if args.boxes_on_one_image else 'each on a random image'}), "
+        f"{args.channels} channels, float32, one sample "
         f"per output pixel; {os.cpu_count()} CPU cores, torch {torch.__version__}; "
         f"min/median/max of {args.repeat} runs after a warm-up"
     )
