@@ -681,6 +681,28 @@ def test_queued_slurm_jobs_are_not_submitted_twice(tmp_path, monkeypatch):
     assert json.load(open(os.path.join(started, STATUS_FILE)))["attempt"] == 1
 
 
+@pytest.mark.parametrize(
+    "returncode, finished, expected",
+    [
+        (0, True, DONE),
+        (75, False, INTERRUPTED),
+        (-15, False, INTERRUPTED),
+        (1, False, FAILED),
+        (0, False, FAILED),
+    ],
+)
+def test_an_attempt_is_recorded_by_how_it_ended(tmp_path, returncode, finished, expected):
+    """train_net.py's graceful-stop status (75) and a death by a signal are resumable, not
+    failures; a clean exit without the final evaluation is a failure."""
+    output = str(tmp_path / "r")
+    task = launch.RunTask("r", output, "python", "t.py", [], ["OUTPUT_DIR", output])
+    status = launch.start_status(task, resume=False)
+    if finished:
+        fake_finished(output)
+    launch.finish_status(task, status, returncode)
+    assert state.read_status(output)["state"] == expected
+
+
 def test_a_job_dying_outside_the_run_is_recorded_as_failed(tmp_path):
     class DeadJob:
         def result(self):

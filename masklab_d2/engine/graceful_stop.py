@@ -263,14 +263,14 @@ def _stoppable_main(main_func: Callable, *args) -> Any:
         # No rank tears the group down while another still needs it (a stopped rank passed
         # this barrier after the save).
         comm.synchronize()
-    _destroy_process_group()
+    destroy_process_group()
     if stopped is not None:
         logger.warning(f"Stopped: {stopped}; exiting with status {EXIT_INTERRUPTED}")
         sys.exit(EXIT_INTERRUPTED)
     return result
 
 
-def _destroy_process_group() -> None:
+def destroy_process_group() -> None:
     """Destroys the default process group, when there is one, before the rank's interpreter
     exits: left to the exit, the gloo group's destructor races its own threads and aborts the
     process ("terminate called without an active exception", SIGABRT) once in a few runs, after

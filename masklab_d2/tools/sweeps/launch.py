@@ -393,8 +393,13 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
         if distributed.world_size > 1:
             _init_distributed(distributed.local_world_size)
         script.main(args)
+        if distributed.world_size > 1:
+            from detectron2.utils import comm
+
+            comm.synchronize()  # no task tears the group down while another still needs it
     except graceful_stop.StopTraining as stop:
         returncode = EXIT_INTERRUPTED
+        graceful_stop.destroy_process_group()  # before submitit's handler may exit the task
         if main_task:
             heartbeat.stop()
             finish_status(task, status, returncode)
@@ -408,6 +413,9 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
         returncode = 1
         raise
     finally:
+        if returncode == 0:
+            # Left to the interpreter's exit, a gloo group aborts the process once in a few runs.
+            graceful_stop.destroy_process_group()
         if main_task and returncode != EXIT_INTERRUPTED:
             heartbeat.stop()
             finish_status(task, status, returncode)
