@@ -15,7 +15,8 @@ not signalled again). ``probe.txt`` in the output folder records what happened. 
   -<pgid>`` send it; start the run in a session of its own); ``group-eval``: the same during the
   evaluation, as ``eval``;
 * ``double``: SIGINT, then SIGTERM and SIGUSR2 while the stop's checkpoint is being written;
-* ``usr2``: SIGUSR2 (submitit's warning before a Slurm time limit);
+* ``usr2``: SIGUSR2 (submitit's warning before a Slurm time limit); ``usr1``: SIGUSR1 (the
+  warning signal many Slurm sites configure with ``--signal``);
 * ``nan``: the weights become NaN before that iteration, so the loss does (an error, no stop).
 
 Everything else is train_net.py's command line and code; the probe only subclasses its Trainer.
@@ -88,8 +89,8 @@ class Probe(HookBase):
         elif KIND == "double":
             DoubleSignal.armed = True
             os.kill(os.getpid(), signal.SIGINT)
-        elif KIND == "usr2":
-            os.kill(os.getpid(), signal.SIGUSR2)
+        elif KIND in ("usr1", "usr2"):
+            os.kill(os.getpid(), getattr(signal, f"SIG{KIND.upper()}"))
         elif KIND == "group":
             signal_process_group()
 

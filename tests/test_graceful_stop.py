@@ -97,9 +97,10 @@ def test_repeated_signals_during_the_save_are_ignored(tmp_path):
     _assert_stopped_after(output, result, 2)
 
 
-def test_sigusr2_stops_gracefully(tmp_path):
-    output, result, _ = _probe(tmp_path, "usr2", 1)
-    assert "SIGUSR2 received" in result.stdout
+@pytest.mark.parametrize("kind", ["usr1", "usr2"])
+def test_sigusr_stops_gracefully(tmp_path, kind):
+    output, result, _ = _probe(tmp_path, kind, 1)
+    assert f"SIG{kind.upper()} received" in result.stdout
     _assert_stopped_after(output, result, 1)
 
 
