@@ -22,11 +22,15 @@ from helpers import CONFIGS, tiny_cfg  # noqa: E402
 from masklab_d2.data import PartialMaskDatasetMapper  # noqa: E402
 from masklab_d2.data.class_groups import class_groups_of  # noqa: E402
 from masklab_d2.evaluation import PartialCOCOEvaluator  # noqa: E402
+from masklab_d2.lazy import deformable_box_pooler  # noqa: E402
 from masklab_d2.modeling import PartialROIHeads  # noqa: E402
 from masklab_d2.modeling.blendmask_head import BlendMaskHead  # noqa: E402
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead  # noqa: E402
 from masklab_d2.modeling.masklab_head import MaskLabHead  # noqa: E402
-from masklab_d2.modeling.poolers import CropAndResizePooler  # noqa: E402
+from masklab_d2.modeling.poolers import (  # noqa: E402
+    CropAndResizePooler,
+    DeformableCropAndResizePooler,
+)
 
 LAZY = os.path.join(CONFIGS, "lazy")
 LEAVES = sorted(
@@ -219,3 +223,28 @@ def test_lazy_and_yaml_configs_make_the_same_model(lazy, yaml, shapes_batch):
     for name, value in losses[0].items():
         torch.testing.assert_close(value, losses[1][name], msg=name)
     assert all(torch.isfinite(v) for v in losses[0].values())
+
+
+def test_deformable_box_pooler_builds_the_yaml_keys_model_and_trains_its_offsets(shapes_batch):
+    """lazy.deformable_box_pooler is MODEL.ROI_BOX_HEAD.POOLER_TYPE "DeformableCropAndResize":
+    the same parameters, and a training step reaches the offset network."""
+    cfg = LazyConfig.load(os.path.join(LAZY, "shapes", "mask_rcnn_R_18_FPN.py"))
+    deformable_box_pooler(cfg.model)
+    lazy_model = instantiate(cfg.model)
+    yaml_cfg = tiny_cfg(
+        "shapes/mask_rcnn_R_18_FPN.yaml",
+        **{"MODEL.ROI_BOX_HEAD.POOLER_TYPE": "DeformableCropAndResize"},
+    )
+    yaml_model = build_model(yaml_cfg)
+    for model in (lazy_model, yaml_model):
+        assert type(model.roi_heads.box_pooler) is DeformableCropAndResizePooler
+    lazy_shapes = {k: v.shape for k, v in lazy_model.state_dict().items()}
+    assert lazy_shapes == {k: v.shape for k, v in yaml_model.state_dict().items()}
+
+    lazy_model.train()
+    with EventStorage():
+        losses = lazy_model(copy.deepcopy(shapes_batch))
+    sum(losses.values()).backward()
+    offset_grads = [p.grad for p in lazy_model.roi_heads.box_pooler.parameters()]
+    assert offset_grads and all(g is not None for g in offset_grads)
+    assert any(g.abs().sum() > 0 for g in offset_grads)

@@ -630,6 +630,56 @@ def test_tiny_sweep_end_to_end_local(tmp_path, shapes_env, capsys):
     assert "0/1 (1 failed)" in open(os.path.join(root, "results.md")).read()
 
 
+LAZY_SHAPES = os.path.join(REPO, "configs", "lazy", "shapes", "mask_rcnn_R_18_FPN.py")
+
+
+@pytest.mark.detectron2
+@pytest.mark.slow
+def test_a_lazy_config_sweep_runs_finishes_and_goes_stale_on_a_changed_option(
+    tmp_path, shapes_env, capsys
+):
+    """A LazyConfig cell: key=value overrides (train.output_dir, train.seed first), done once its
+    final evaluation is logged, its fingerprint the merged LazyConfig's."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
+    text = f"""
+        name: lazy
+        base_config: {LAZY_SHAPES}
+        output_root: {tmp_path / "out"}
+        axes: {{model.roi_heads.batch_size_per_image: [32]}}
+        opts:
+          train.max_iter: 2
+          train.device: cpu
+          train.precise_bn.enabled: False
+          dataloader.train.dataset.names: shapes_tiny_train
+          dataloader.test.dataset.names: shapes_tiny_val
+          dataloader.train.mapper.augmentations.0.short_edge_length: [128]
+          dataloader.train.mapper.augmentations.0.max_size: 128
+          dataloader.test.mapper.augmentations.0.short_edge_length: 128
+          dataloader.test.mapper.augmentations.0.max_size: 128
+          dataloader.train.total_batch_size: 2
+          dataloader.train.num_workers: 0
+          dataloader.test.num_workers: 0
+          model.roi_heads.box_predictor.test_topk_per_image: 5
+    """
+    path = write_sweep(tmp_path, text)
+    spec = load_sweep(path)
+    (run,) = expand_runs(spec)
+    command = train_command(spec, run)
+    assert f"train.output_dir='{run.output_dir}'" in command and "train.seed=0" in command
+    assert "model.roi_heads.batch_size_per_image=32" in command and "OUTPUT_DIR" not in command
+
+    assert sweep_tool.main([path, "--no-report"]) == 0, capsys.readouterr().out[-3000:]
+    assert run_state(run.output_dir, fingerprint=run_fingerprint(run)) == DONE
+    assert any("segm/AP" in record for record in read_metrics(run.output_dir))
+    capsys.readouterr()
+
+    changed = write_sweep(tmp_path, text.replace("train.max_iter: 2", "train.max_iter: 3"))
+    (changed_run,) = expand_runs(load_sweep(changed))
+    assert run_fingerprint(changed_run)["config"] != run_fingerprint(run)["config"]
+    sweep_tool.main([changed, "--dry-run"])
+    assert "config changed" in capsys.readouterr().out
+
+
 @pytest.mark.detectron2
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_submitit_local(tmp_path, shapes_env, capsys):

@@ -38,7 +38,9 @@ overrides. An explicit cell maps axis names to labels (named groups) or config k
 may set ``name``, ``config``, ``opts`` and its own ``seeds``. Every run is ``python train_net.py
 --config-file C [--num-gpus n --dist-url auto] [--resume] OUTPUT_DIR <output_root>/<run name> SEED
 <seed> <overrides>`` where the overrides are the common opts, then the axes' in axis order, then the
-explicit cell's.
+explicit cell's. A cell whose config is a LazyConfig ``.py`` file gets ``train.output_dir='<dir>'
+train.seed=<seed> key=value ...`` instead (its keys are the LazyConfig's, e.g.
+``model.roi_heads.mask_head.num_filters``).
 
 A run's name is built from its axis values, e.g. ``head=masklab__MASKLAB.NUM_DIRECTIONS=4__seed=0``
 (a leading ``MODEL.`` is dropped from keys; characters other than ``A-Za-z0-9._+=~-`` become

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from masklab_d2.tools.sweeps.spec import REPO_ROOT, Run
+from masklab_d2.tools.sweeps.spec import REPO_ROOT, Run, config_overrides, is_lazy_config
 
 
 def _sha1(text: str) -> str:
@@ -31,14 +31,38 @@ def _sha1(text: str) -> str:
 
 
 def _merged_config(config_file: str, overrides: Sequence[str]) -> Optional[object]:
-    """The config as train_net.py merges it, or None where it cannot be merged here (no
-    detectron2, a key it does not know, which the run will fail on, a LazyConfig file)."""
+    """The config as train_net.py merges it (a YACS CfgNode, or a LazyConfig's DictConfig), or
+    None where it cannot be merged here (no detectron2, a key it does not know, which the run
+    will fail on)."""
     try:
+        if is_lazy_config(config_file):
+            from detectron2.config import LazyConfig
+
+            return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
         from masklab_d2.config import load_config
 
         return load_config(config_file, overrides)
     except Exception:  # noqa: BLE001  (any failure to merge: the caller hashes what it can)
         return None
+
+
+def _config_text(cfg: object) -> str:
+    """A merged config as text: YACS's dump, or a LazyConfig as Python (objects by name)."""
+    if hasattr(cfg, "dump"):
+        return cfg.dump()
+    from detectron2.config import LazyConfig
+
+    return LazyConfig.to_py(cfg)
+
+
+def _initial_weights(cfg: Optional[object]) -> str:
+    """The checkpoint a run starts from: ``MODEL.WEIGHTS``, a LazyConfig's
+    ``train.init_checkpoint``; "" for none (or no config)."""
+    if cfg is None:
+        return ""
+    if hasattr(cfg, "MODEL"):
+        return cfg.MODEL.WEIGHTS
+    return cfg.get("train", {}).get("init_checkpoint") or ""
 
 
 def config_hash(config_file: str, overrides: Sequence[str], cfg: Optional[object]) -> str:
@@ -49,7 +73,11 @@ def config_hash(config_file: str, overrides: Sequence[str], cfg: Optional[object
         cfg: that merged config (:func:`_merged_config`); None where it could not be merged here,
             and the hash covers the files' texts and the overrides instead.
     """
-    text = cfg.dump() if cfg is not None else json.dumps([_config_texts(config_file), overrides])
+    text = (
+        _config_text(cfg)
+        if cfg is not None
+        else json.dumps([_config_texts(config_file), overrides])
+    )
     return _sha1(text)[:12]
 
 
@@ -64,7 +92,7 @@ def initial_weights_digest(cfg: Optional[object]) -> str:
         a ``detectron2://`` name: the config hash covers that text) or its config cannot be
         merged here; "unknown" when the file is not there (yet).
     """
-    weights = cfg.MODEL.WEIGHTS if cfg is not None else ""
+    weights = _initial_weights(cfg)
     if not weights or "://" in weights:
         return ""
     path = os.path.abspath(os.path.expanduser(weights))  # as the run resolves it: from the cwd
@@ -83,10 +111,13 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _config_texts(config_file: str, depth: int = 0) -> List[str]:
-    """The text of a YAML config and of the _BASE_ files it inherits from."""
+    """The text of a YAML config and of the _BASE_ files it inherits from (of a LazyConfig: its
+    own text)."""
     try:
         with open(config_file) as f:
             text = f.read()
+        if is_lazy_config(config_file):
+            return [text]
         base = (yaml.safe_load(text) or {}).get("_BASE_") if depth < 10 else None
     except (OSError, yaml.YAMLError, AttributeError):
         return [f"unreadable: {config_file}"]
@@ -162,9 +193,13 @@ def run_fingerprint(run: Run) -> Dict[str, str]:
     The output folder is left out (a sweep moved with --output-root runs the same thing); the
     seed is in.
     """
-    overrides = ["OUTPUT_DIR", "", "SEED", str(run.seed)] + list(run.cell.overrides)
     # The device says where a run trains, not what; a CPU sweep host and a GPU node must agree.
-    overrides += ["MODEL.DEVICE", "cpu"]
+    device = (
+        ["train.device", "cpu"] if is_lazy_config(run.cell.config_file) else ["MODEL.DEVICE", "cpu"]
+    )
+    overrides = config_overrides(
+        run.cell.config_file, "", run.seed, list(run.cell.overrides) + device
+    )
     cfg = _merged_config(run.cell.config_file, overrides)  # once, for both hashes
     return {
         "config": config_hash(run.cell.config_file, overrides, cfg),

@@ -463,9 +463,31 @@ def train_args(spec: SweepSpec, run: Run, resume: bool = False) -> List[str]:
     return args + run_overrides(run)
 
 
+def is_lazy_config(config_file: str) -> bool:
+    """A LazyConfig Python file (train_net.py decides by the extension too)."""
+    return config_file.endswith(".py")
+
+
+def config_overrides(config_file: str, output_dir: str, seed: int, pairs: Sequence[str]):
+    """A run's overrides on the command line of its config system: ``KEY VALUE`` pairs for a
+    YAML config, ``key=value`` for a LazyConfig; its output folder and seed first.
+
+    Args:
+        pairs: flat [KEY, VALUE, ...] overrides (a cell's), keys as the config system names them.
+    """
+    if not is_lazy_config(config_file):
+        return ["OUTPUT_DIR", output_dir, "SEED", str(seed)] + list(pairs)
+    keys_values = zip(pairs[::2], pairs[1::2])
+    # Quoted: a run's folder name holds "=", which Hydra's override grammar would reject.
+    quoted_dir = "'" + output_dir.replace("'", "\\'") + "'"
+    return [f"train.output_dir={quoted_dir}", f"train.seed={seed}"] + [
+        f"{key}={value}" for key, value in keys_values
+    ]
+
+
 def run_overrides(run: Run) -> List[str]:
-    """The KEY VALUE overrides of a run, its output folder and seed first."""
-    return ["OUTPUT_DIR", run.output_dir, "SEED", str(run.seed)] + list(run.cell.overrides)
+    """The overrides of a run (:func:`config_overrides`)."""
+    return config_overrides(run.cell.config_file, run.output_dir, run.seed, run.cell.overrides)
 
 
 def train_command(spec: SweepSpec, run: Run, resume: bool = False) -> List[str]:

@@ -108,12 +108,17 @@ def is_finished(output_dir: str) -> bool:
     if not os.path.exists(os.path.join(output_dir, "model_final.pth")):
         return False
     config = run_config(output_dir)
-    if config and not (config.get("DATASETS") or {}).get("TEST"):
+    if "train" in config:  # a LazyConfig's config.yaml: train, model, dataloader, ...
+        test_sets = (config.get("dataloader") or {}).get("test")
+        max_iter = (config.get("train") or {}).get("max_iter")
+    else:
+        test_sets = (config.get("DATASETS") or {}).get("TEST")
+        max_iter = (config.get("SOLVER") or {}).get("MAX_ITER")
+    if config and not test_sets:
         return True  # nothing to evaluate on
     evaluations = evaluation_records(read_metrics(output_dir))
     if not evaluations:
         return False
-    max_iter = (config.get("SOLVER") or {}).get("MAX_ITER")
     # The final evaluation is logged at iteration MAX_ITER (periodic ones at k * period - 1).
     return max_iter is None or evaluations[-1].get("iteration", -1) >= max_iter - 1
 
