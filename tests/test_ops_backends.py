@@ -120,18 +120,22 @@ def test_many_channels_against_reference(channels):
     )
 
 
+@pytest.mark.parametrize(
+    "channels", [80, 8], ids=["blocks-per-thread", "fewer-blocks-than-threads"]
+)
 @pytest.mark.parametrize("images", [None, [1]], ids=["spread", "one-image-busy"])
-def test_results_and_feature_gradients_do_not_depend_on_thread_count(images):
+def test_results_and_feature_gradients_do_not_depend_on_thread_count(images, channels):
     """Outputs and all gradients are bit-identical for 1, 2 and 3 threads: each feature
     gradient slice has one owner that walks its boxes in a fixed order, and each box's position
     gradient is summed by one task in a fixed order (the channel block of a feature-gradient
     work item shrinks with the thread count, which changes no sum). ``one-image-busy``: every
-    box in image 1 of 3."""
+    box in image 1 of 3. 8 channels make one block, fewer than the threads: the work is split
+    by (image, block) instead of by blocks."""
     g = torch.Generator().manual_seed(33)
-    features = torch.randn(3, 80, 15, 13, generator=g)
+    features = torch.randn(3, channels, 15, 13, generator=g)
     rois = _rois(40, 3, 26.0, g, dtype=torch.float32, images=images)
     offsets = 0.5 * torch.randn(40, 2, 3, 3, generator=g)
-    grad = torch.randn(40, 80, 6, 6, generator=g)
+    grad = torch.randn(40, channels, 6, 6, generator=g)
     previous = torch.get_num_threads()
     results = []
     try:

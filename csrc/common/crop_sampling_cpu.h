@@ -109,9 +109,8 @@ inline const char* layout_name(Layout layout) {
 }
 
 // Channels per feature-gradient work item: the fewest blocks of at most kTransposeBlock channels
-// whose number is a multiple of the thread count, so that with the items run block-major (see
-// feature_gradient) each thread gets the same channels of every image, however the boxes fall
-// over the images; at least kMinGradBlock channels (or C).
+// whose number is a multiple of the thread count, so that each thread can take the same channels
+// of every image (see feature_gradient); at least kMinGradBlock channels (or C).
 inline int64_t gradient_channel_block(int64_t channels) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_thread = (channels + threads - 1) / threads;
@@ -308,15 +307,22 @@ void feature_gradient(
   const auto& boxes_by_image = groups.second;
   const bool channels_last = layout != Layout::kNchw;
 
-  // Block-major items (every image's first channel block, then every image's second, ...): a
-  // thread's contiguous range of items then holds about the same channels of every image, so one
-  // image with most of the boxes does not land on one thread.
-  at::parallel_for(0, batch_size * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
+  // Each thread takes a range of channel blocks and does them for every image in turn: its share
+  // of every image is the same however the boxes fall over the images (split by image, one
+  // image with most of the boxes lands on one thread), and one image's blocks stay together.
+  // With fewer blocks than threads (few channels) the (image, block) pairs are split instead.
+  const bool split_blocks = blocks_per_image >= static_cast<int64_t>(at::get_num_threads());
+  const int64_t num_items = split_blocks ? blocks_per_image : batch_size * blocks_per_image;
+  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<BilinearSample<acc_t>> samples(num_samples);
     std::vector<acc_t> tile(channels_last ? num_samples * kTransposeBlock : 0);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t batch = item % batch_size;
-      const int64_t c0 = (item / batch_size) * block_size;
+    // Split by blocks: every image (pass) over this thread's blocks [begin, end).
+    const int64_t passes = split_blocks ? batch_size : 1;
+    const int64_t items = end - begin;
+    for (int64_t step = 0; step < passes * items; ++step) {
+      const int64_t item = begin + step % items;
+      const int64_t batch = split_blocks ? step / items : item / blocks_per_image;
+      const int64_t c0 = (split_blocks ? item : item % blocks_per_image) * block_size;
       const int64_t block = std::min(block_size, channels - c0);
       acc_t* grad_image = grad_data + batch * plane_size * channels;
       for (int64_t g = group_start[batch]; g < group_start[batch + 1]; ++g) {
