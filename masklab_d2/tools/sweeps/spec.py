@@ -468,7 +468,9 @@ def is_lazy_config(config_file: str) -> bool:
     return config_file.endswith(".py")
 
 
-def config_overrides(config_file: str, output_dir: str, seed: int, pairs: Sequence[str]):
+def config_overrides(
+    config_file: str, output_dir: str, seed: int, pairs: Sequence[str]
+) -> List[str]:
     """A run's overrides on the command line of its config system: ``KEY VALUE`` pairs for a
     YAML config, ``key=value`` for a LazyConfig; its output folder and seed first.
 
