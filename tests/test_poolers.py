@@ -110,15 +110,11 @@ def test_blendmask_attention_pooler_takes_one_sample_per_bin(config):
 
     from detectron2.config import LazyConfig, instantiate
     from detectron2.modeling import build_model
+    from helpers import CONFIGS, tiny_cfg
 
-    from masklab_d2.config import load_config
-
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", config)
-    if path.endswith(".py"):
-        model = instantiate(LazyConfig.load(path).model)
+    if config.endswith(".py"):
+        model = instantiate(LazyConfig.load(os.path.join(CONFIGS, config)).model)
     else:
-        cfg = load_config(path)
-        cfg.MODEL.DEVICE = "cpu"
-        model = build_model(cfg)
+        model = build_model(tiny_cfg(config))
     level_poolers = model.roi_heads.mask_head.attn_pooler.level_poolers
     assert [pooler.sampling_ratio for pooler in level_poolers] == [1] * len(level_poolers)
