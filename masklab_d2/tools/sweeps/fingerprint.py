@@ -194,11 +194,8 @@ def run_fingerprint(run: Run) -> Dict[str, str]:
     seed is in.
     """
     # The device says where a run trains, not what; a CPU sweep host and a GPU node must agree.
-    device = (
-        ["train.device", "cpu"] if is_lazy_config(run.cell.config_file) else ["MODEL.DEVICE", "cpu"]
-    )
     overrides = config_overrides(
-        run.cell.config_file, "", run.seed, list(run.cell.overrides) + device
+        run.cell.config_file, "", run.seed, run.cell.overrides, device="cpu"
     )
     cfg = _merged_config(run.cell.config_file, overrides)  # once, for both hashes
     return {

@@ -469,22 +469,31 @@ def is_lazy_config(config_file: str) -> bool:
 
 
 def config_overrides(
-    config_file: str, output_dir: str, seed: int, pairs: Sequence[str]
+    config_file: str,
+    output_dir: str,
+    seed: int,
+    pairs: Sequence[str],
+    device: Optional[str] = None,
 ) -> List[str]:
     """A run's overrides on the command line of its config system: ``KEY VALUE`` pairs for a
     YAML config, ``key=value`` for a LazyConfig; its output folder and seed first.
 
     Args:
         pairs: flat [KEY, VALUE, ...] overrides (a cell's), keys as the config system names them.
+        device: when given, the device last (``MODEL.DEVICE`` / ``train.device``).
     """
     if not is_lazy_config(config_file):
-        return ["OUTPUT_DIR", output_dir, "SEED", str(seed)] + list(pairs)
+        device_pair = ["MODEL.DEVICE", device] if device else []
+        return ["OUTPUT_DIR", output_dir, "SEED", str(seed)] + list(pairs) + device_pair
     keys_values = zip(pairs[::2], pairs[1::2])
     # Quoted: a run's folder name holds "=", which Hydra's override grammar would reject.
     quoted_dir = "'" + output_dir.replace("'", "\\'") + "'"
-    return [f"train.output_dir={quoted_dir}", f"train.seed={seed}"] + [
-        f"{key}={value}" for key, value in keys_values
-    ]
+    device_override = [f"train.device={device}"] if device else []
+    return (
+        [f"train.output_dir={quoted_dir}", f"train.seed={seed}"]
+        + [f"{key}={value}" for key, value in keys_values]
+        + device_override
+    )
 
 
 def run_overrides(run: Run) -> List[str]:
