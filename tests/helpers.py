@@ -1,6 +1,8 @@
-"""Shared test helpers: small detectron2 configs and hand-made ground truth.
+"""Shared test helpers: paths, subprocess runs, small detectron2 configs and hand-made ground
+truth.
 
-Import only from test modules that already skip without detectron2.
+Importable without detectron2; the helpers that build detectron2 objects import it when called
+(from tests that skip without it).
 """
 
 import os
@@ -8,9 +10,6 @@ import subprocess
 import sys
 
 import torch
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
-
-from masklab_d2.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -38,6 +37,8 @@ def tiny_cfg(config_file: str, **overrides):
     """
     if not os.path.isabs(config_file):
         config_file = os.path.join(CONFIGS, config_file)
+    from masklab_d2.config import load_config
+
     cfg = load_config(config_file)
     cfg.merge_from_list(
         [
@@ -69,12 +70,14 @@ def tiny_cfg(config_file: str, **overrides):
     return cfg
 
 
-def image_instances(height: int = 96, width: int = 96, polygons: bool = False) -> Instances:
+def image_instances(height: int = 96, width: int = 96, polygons: bool = False):
     """Ground truth of one image: a masked square (class 0) and a mask-less box (class 9).
 
     The mask-less instance carries the placeholder the mapper gives it (an empty bitmask, or
     its box as a polygon).
     """
+    from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+
     instances = Instances((height, width))
     instances.gt_boxes = Boxes(torch.tensor([[12.0, 10.0, 44.0, 40.0], [50.0, 52.0, 90.0, 88.0]]))
     instances.gt_classes = torch.tensor([0, 9])

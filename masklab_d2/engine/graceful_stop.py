@@ -18,7 +18,14 @@ evaluations and cuts checkpoint writes short, so here:
   rank destroys its process group before it exits, stopped or finished;
 * DataLoader workers ignore stop signals (:func:`spare_loader_workers` on every loader with
   workers): Slurm's ``scancel`` and ``kill -TERM -<pgid>`` signal every process of a job, and
-  a worker killed by it makes torch raise in the main process, mid-step or mid-save.
+  a worker killed by it makes torch raise in the main process, mid-step or mid-save; only
+  their parent's SIGTERM still ends them, so that workers still alive at exit do not keep a
+  finished run waiting for them;
+* once training is over (finished, stopped or failed), the stop signals get their previous
+  handlers back: a signal during the exit ends the process.
+
+The signal-recording core is torch-only (:mod:`masklab_d2.utils.stop_signals`); this module adds
+what needs detectron2: the hook, the ranks' agreement and the launcher.
 
 Exceptions (a NaN loss, an out-of-memory) save nothing: ``last_checkpoint`` keeps pointing at the
 last good checkpoint.
@@ -31,17 +38,13 @@ Any detectron2 trainer can use it::
     launch(main, num_gpus, ...)                                 # instead of detectron2's launch
 """
 
-import dataclasses
-import functools
-import gc
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-import threading
 from datetime import timedelta
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,151 +52,25 @@ from detectron2.engine import HookBase
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
-from torch.utils.data import DataLoader
+
+from masklab_d2.utils.stop_signals import (  # noqa: F401  (re-exported: the engine's API)
+    _STATE,
+    EXIT_INTERRUPTED,
+    STOP_SIGNALS,
+    StopTraining,
+    _record,
+    _signal_name,
+    destroy_process_group,
+    install_signal_handlers,
+    previous_handler,
+    request_stop,
+    reset,
+    restore_signal_handlers,
+    spare_loader_workers,
+    stop_requested,
+)
 
 logger = logging.getLogger(__name__)
-
-STOP_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
-    if hasattr(signal, name)
-)
-# sysexits.h EX_TEMPFAIL: the run did not fail, it stopped early and can be resumed.
-EXIT_INTERRUPTED = 75
-
-
-class StopTraining(BaseException):
-    """Ends the training loop after a requested stop, once the checkpoint is written.
-
-    A BaseException, as KeyboardInterrupt is: detectron2's loop logs every Exception as an error
-    ("Exception during training"), and a requested stop is not one.
-
-    Attributes:
-        iteration: the last completed iteration (the one saved), -1 when training never started.
-        signum: the signal that asked for the stop.
-    """
-
-    def __init__(self, iteration: int, signum: int):
-        super().__init__(f"training stopped by {_signal_name(signum)} after iteration {iteration}")
-        self.iteration = iteration
-        self.signum = signum
-
-
-@dataclasses.dataclass
-class _State:
-    signum: Optional[int] = None  # the first stop signal received
-    count: int = 0  # stop signals received, repeats included
-    pid: int = -1  # the process that installed the handlers (forked children inherit them)
-    previous: Dict[int, Any] = dataclasses.field(default_factory=dict)
-
-
-_STATE = _State()
-
-
-def _signal_name(signum: Optional[int]) -> str:
-    try:
-        return signal.Signals(signum).name
-    except (TypeError, ValueError):
-        return str(signum)
-
-
-def _record(signum: int, frame: Any) -> None:
-    """The signal handler: it records, nothing else (no logging: it may run inside a write)."""
-    if os.getpid() != _STATE.pid:
-        _in_forked_child(signum)
-        return
-    if _STATE.signum is None:
-        _STATE.signum = signum
-    _STATE.count += 1
-
-
-def _in_forked_child(signum: int) -> None:
-    """Forked children (DataLoader workers, pools) inherit the handler.
-
-    DataLoader workers ignore every stop signal, as :func:`spare_loader_workers` makes them (the
-    main process stops them itself). Other children keep SIGTERM's default, since
-    multiprocessing pools terminate their workers with it.
-    """
-    from torch.utils.data import get_worker_info
-
-    if signum == signal.SIGTERM and get_worker_info() is None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _ignore_stop_signals(worker_init_fn: Optional[Callable[[int], None]], worker_id: int) -> None:
-    """A DataLoader worker's init: stop signals are ignored, then the loader's own init runs."""
-    # torch's worker loop has just replaced the inherited SIGTERM handler by its own C handler,
-    # which kills the worker when another process than its parent sends the signal.
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    if worker_init_fn is not None:
-        worker_init_fn(worker_id)
-
-
-def spare_loader_workers(loader: Any) -> Any:
-    """Makes the worker processes of ``loader`` ignore stop signals; returns ``loader``.
-
-    A stop signal sent to every process of a run (Slurm's ``scancel``, ``kill -TERM -<pgid>``)
-    would kill the workers, and torch then raises "DataLoader worker ... is killed by signal" in
-    the main process wherever it is, the stop's checkpoint write included. Ignoring it there
-    leaves the stop to the main process; the workers end with their loader, as always.
-
-    Args:
-        loader: a torch DataLoader, or a dataset that iterates one as its ``dataset`` attribute
-            (detectron2's AspectRatioGroupedDataset, built for aspect-ratio grouping); anything
-            else, e.g. a loader without workers, is returned unchanged.
-    """
-    torch_loader = loader
-    while not isinstance(torch_loader, DataLoader) and hasattr(torch_loader, "dataset"):
-        torch_loader = torch_loader.dataset
-    if isinstance(torch_loader, DataLoader) and torch_loader.num_workers > 0:
-        init = torch_loader.worker_init_fn
-        if not (isinstance(init, functools.partial) and init.func is _ignore_stop_signals):
-            # A partial of module-level functions: it pickles, for spawn-started workers too.
-            torch_loader.worker_init_fn = functools.partial(_ignore_stop_signals, init)
-    return loader
-
-
-def install_signal_handlers(signals: Sequence[int] = STOP_SIGNALS) -> bool:
-    """Makes ``signals`` only record a stop request in this process.
-
-    Args:
-        signals: the signals to handle; the handlers they had are kept (:func:`previous_handler`).
-
-    Returns:
-        False when called outside the main thread (Python allows handlers only there).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        logger.warning("Signal handlers not installed: not in the main thread")
-        return False
-    _STATE.pid = os.getpid()
-    for signum in signals:
-        previous = signal.signal(signum, _record)
-        if previous is not _record:
-            _STATE.previous[signum] = previous
-    return True
-
-
-def previous_handler(signum: int) -> Any:
-    """The handler ``signum`` had before :func:`install_signal_handlers` (e.g. submitit's)."""
-    return _STATE.previous.get(signum, signal.SIG_DFL)
-
-
-def request_stop(signum: int = signal.SIGTERM) -> None:
-    """Asks for a stop as a signal would (from code: a callback, a test)."""
-    _STATE.pid = _STATE.pid if _STATE.pid != -1 else os.getpid()
-    _record(signum, None)
-
-
-def stop_requested() -> Optional[int]:
-    """The signal that asked this process to stop, or None."""
-    return _STATE.signum
-
-
-def reset() -> None:
-    """Forgets a stop request (a process that trains again after a stop)."""
-    _STATE.signum, _STATE.count = None, 0
 
 
 def _agree_on_stop() -> Optional[int]:
@@ -258,28 +135,20 @@ def _stoppable_main(main_func: Callable, *args) -> Any:
         result = main_func(*args)
     except StopTraining as stop:
         stopped = str(stop)  # not the exception: its traceback would keep the trainer alive
+    except BaseException:
+        restore_signal_handlers()  # a failed rank must end on a stop signal too
+        raise
     else:
         stopped = None
         # No rank tears the group down while another still needs it (a stopped rank passed
         # this barrier after the save).
         comm.synchronize()
     destroy_process_group()
+    restore_signal_handlers()  # from here on a stop signal ends the rank, e.g. during its exit
     if stopped is not None:
         logger.warning(f"Stopped: {stopped}; exiting with status {EXIT_INTERRUPTED}")
         sys.exit(EXIT_INTERRUPTED)
     return result
-
-
-def destroy_process_group() -> None:
-    """Destroys the default process group, when there is one, before the rank's interpreter
-    exits: left to the exit, the gloo group's destructor races its own threads and aborts the
-    process ("terminate called without an active exception", SIGABRT) once in a few runs, after
-    training finished and the final checkpoint was written."""
-    if dist.is_available() and dist.is_initialized():
-        # The trainer's reference cycles keep DDP's reducer, and through it the gloo group and
-        # its pending work, alive until the exit's garbage collection: free them first.
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def _forward_to_ranks(signum: int, frame: Any) -> None:
@@ -311,9 +180,18 @@ def launch(
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         install_signal_handlers()
-        return d2_launch(
-            _stoppable_main, 1, num_machines, machine_rank, dist_url, (main_func, *args), timeout
-        )
+        try:
+            return d2_launch(
+                _stoppable_main,
+                1,
+                num_machines,
+                machine_rank,
+                dist_url,
+                (main_func, *args),
+                timeout,
+            )
+        finally:
+            restore_signal_handlers()  # the work is done: a stop signal during the exit ends it
     _STATE.pid = os.getpid()
     for signum in STOP_SIGNALS:
         _STATE.previous[signum] = signal.signal(signum, _forward_to_ranks)
@@ -333,3 +211,5 @@ def launch(
         if error.exit_code == EXIT_INTERRUPTED or stop_requested() is not None:
             sys.exit(EXIT_INTERRUPTED)
         raise
+    finally:
+        restore_signal_handlers()

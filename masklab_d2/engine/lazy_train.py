@@ -17,6 +17,7 @@ statistics recomputed on ``num_iter`` training batches).
 
 import logging
 import signal
+import weakref
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -154,7 +155,10 @@ def do_train(args, cfg) -> None:
         amp = False
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, train_loader, optimizer)
     # MaskLabCheckpointer: also initialises duplicated pretrained blocks (see its docstring).
-    checkpointer = MaskLabCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # The trainer by weak proxy, as DefaultTrainer does: a strong one closes a reference cycle
+    # (trainer -> hooks -> checkpointer -> trainer) that keeps the trainer, and its loader's
+    # workers, alive after training, until the process exits.
+    checkpointer = MaskLabCheckpointer(model, cfg.train.output_dir, trainer=weakref.proxy(trainer))
     precise_bn = cfg.train.get("precise_bn") or {}
     trainer.register_hooks(
         [

@@ -55,14 +55,33 @@ def _config_text(cfg: object) -> str:
     return LazyConfig.to_py(cfg)
 
 
-def _initial_weights(cfg: Optional[object]) -> str:
+def _initial_weights(cfg: Optional[object], config_file: str, overrides: Sequence[str]) -> str:
     """The checkpoint a run starts from: ``MODEL.WEIGHTS``, a LazyConfig's
-    ``train.init_checkpoint``; "" for none (or no config)."""
-    if cfg is None:
-        return ""
+    ``train.init_checkpoint``; "" for none.
+
+    Args:
+        cfg: the merged config; None where it could not be merged here (no detectron2, e.g. on a
+            login node): the overrides, then the YAML files (leaf first), say it instead; a
+            LazyConfig file that sets it can only be read with detectron2.
+    """
     if hasattr(cfg, "MODEL"):
         return cfg.MODEL.WEIGHTS
-    return cfg.get("train", {}).get("init_checkpoint") or ""
+    if cfg is not None:
+        return cfg.get("train", {}).get("init_checkpoint") or ""
+    if is_lazy_config(config_file):
+        values = [o.split("=", 1)[1] for o in overrides if o.startswith("train.init_checkpoint=")]
+        return values[-1].strip("'\"") if values else ""
+    values = [v for k, v in zip(overrides[::2], overrides[1::2]) if k == "MODEL.WEIGHTS"]
+    if values:
+        return values[-1]
+    for text in _config_texts(config_file):
+        try:
+            model = (yaml.safe_load(text) or {}).get("MODEL") or {}
+        except (yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(model, dict) and "WEIGHTS" in model:
+            return model["WEIGHTS"] or ""
+    return ""
 
 
 def config_hash(config_file: str, overrides: Sequence[str], cfg: Optional[object]) -> str:
@@ -81,18 +100,21 @@ def config_hash(config_file: str, overrides: Sequence[str], cfg: Optional[object
     return _sha1(text)[:12]
 
 
-def initial_weights_digest(cfg: Optional[object]) -> str:
+def initial_weights_digest(
+    cfg: Optional[object], config_file: str, overrides: Sequence[str]
+) -> str:
     """A hash of the contents of the checkpoint file a run starts from (``MODEL.WEIGHTS``).
 
     Args:
         cfg: the run's merged config (:func:`_merged_config`), None where it could not be merged.
+        config_file, overrides: the run's config file and overrides, read where ``cfg`` is None.
 
     Returns:
         12 hex digits; "" when the run starts from no file of this machine (no weights, a URL or
-        a ``detectron2://`` name: the config hash covers that text) or its config cannot be
-        merged here; "unknown" when the file is not there (yet).
+        a ``detectron2://`` name: the config hash covers that text); "unknown" when the file is
+        not there (yet).
     """
-    weights = _initial_weights(cfg)
+    weights = _initial_weights(cfg, config_file, overrides)
     if not weights or "://" in weights:
         return ""
     path = os.path.abspath(os.path.expanduser(weights))  # as the run resolves it: from the cwd
@@ -200,7 +222,7 @@ def run_fingerprint(run: Run) -> Dict[str, str]:
     cfg = _merged_config(run.cell.config_file, overrides)  # once, for both hashes
     return {
         "config": config_hash(run.cell.config_file, overrides, cfg),
-        "weights": initial_weights_digest(cfg),
+        "weights": initial_weights_digest(cfg, run.cell.config_file, overrides),
         "code": training_code_digest(),
         "commit": code_version(),
     }

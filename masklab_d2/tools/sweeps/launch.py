@@ -40,6 +40,7 @@ from masklab_d2.tools.sweeps.spec import (
 from masklab_d2.tools.sweeps.state import (
     DONE,
     FAILED,
+    HEARTBEAT_S,
     INTERRUPTED,
     RUN_LOG_FILE,
     RUNNING,
@@ -51,13 +52,10 @@ from masklab_d2.tools.sweeps.state import (
     read_json,
     write_json_atomic,
 )
+from masklab_d2.utils import stop_signals
+from masklab_d2.utils.stop_signals import EXIT_INTERRUPTED
 
 logger = logging.getLogger(__name__)
-
-# train_net.py's status after a graceful stop (masklab_d2.engine.graceful_stop.EXIT_INTERRUPTED;
-# spelled out so that the sweep needs no detectron2).
-EXIT_INTERRUPTED = 75
-HEARTBEAT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -372,8 +370,6 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     """
     import submitit
 
-    from masklab_d2.engine import graceful_stop
-
     job = submitit.JobEnvironment()
     # MASTER_ADDR, MASTER_PORT (from the job id), RANK, WORLD_SIZE for env:// (one task per GPU).
     distributed = submitit.helpers.TorchDistributedEnvironment().export(
@@ -386,7 +382,7 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     script = load_train_script(task.train_script)
     args = script.build_argument_parser().parse_args(task.args(resume))
     # Records stop signals; submitit's handlers stay as the previous ones, called below.
-    graceful_stop.install_signal_handlers()
+    stop_signals.install_signal_handlers()
     returncode = 0
     heartbeat = _Heartbeat(task, status) if main_task else None
     try:
@@ -397,15 +393,15 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
             from detectron2.utils import comm
 
             comm.synchronize()  # no task tears the group down while another still needs it
-    except graceful_stop.StopTraining as stop:
+    except stop_signals.StopTraining as stop:
         returncode = EXIT_INTERRUPTED
-        graceful_stop.destroy_process_group()  # before submitit's handler may exit the task
+        stop_signals.destroy_process_group()  # before submitit's handler may exit the task
         if main_task:
             heartbeat.stop()
             finish_status(task, status, returncode)
         # submitit's handler of that signal: for its preemption / timeout signal, checkpoint(),
         # requeue and exit; for SIGTERM a log line. (Python's SIGINT handler would only raise.)
-        handler = graceful_stop.previous_handler(stop.signum)
+        handler = stop_signals.previous_handler(stop.signum)
         if callable(handler) and handler is not signal.default_int_handler:
             handler(stop.signum, None)
         return {"state": INTERRUPTED}
@@ -415,7 +411,7 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     finally:
         if returncode == 0:
             # Left to the interpreter's exit, a gloo group aborts the process once in a few runs.
-            graceful_stop.destroy_process_group()
+            stop_signals.destroy_process_group()
         if main_task and returncode != EXIT_INTERRUPTED:
             heartbeat.stop()
             finish_status(task, status, returncode)
