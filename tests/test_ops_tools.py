@@ -1,13 +1,9 @@
-"""Smoke tests of the op tools: the benchmark (tiny sizes, no timing claims) and gpu_check's
-parts that run without a GPU."""
+"""Smoke tests of the op benchmark (tiny sizes, no timing claims); gpu_check's own tests are in
+test_gpu_check.py."""
 
-import subprocess
-import sys
-
-import pytest
 import torch
 
-from masklab_d2.tools import benchmark_ops, gpu_check
+from masklab_d2.tools import benchmark_ops
 
 
 def test_benchmark_baselines_compute_the_same_crops():
@@ -45,31 +41,3 @@ def test_benchmark_runs_and_prints_a_table(tmp_path, capsys):
     assert "| 2x3x8x6 /16 |" in table and "| 2 | 2x3x12x10 /16 | channels_last |" in table
     assert benchmark_ops.parse_maps(["fpn", "shapes"])[0] == (200, 304, 4)
     assert benchmark_ops.parse_maps(["shapes"])[-1] == (8, 8, 32)
-
-
-def test_gpu_check_fails_clearly_without_cuda(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: gpu_check would run for real")
-    result = subprocess.run(
-        [sys.executable, "-m", "masklab_d2.tools.gpu_check", "--out", str(tmp_path / "gc")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert "no CUDA device is visible" in result.stderr
-
-
-def test_gpu_check_junit_table(tmp_path):
-    xml = tmp_path / "t.xml"
-    xml.write_text(
-        '<testsuites><testsuite name="pytest">'
-        '<testcase classname="tests.test_ops_cuda" name="test_a" time="0.5"/>'
-        '<testcase classname="tests.test_ops_cuda" name="test_b" time="1.0">'
-        '<failure message="boom"/></testcase>'
-        '<testcase classname="tests.test_ops" name="test_c" time="0"><skipped message="no GPU"/>'
-        "</testcase></testsuite></testsuites>"
-    )
-    table = gpu_check._junit_table(str(xml)).splitlines()
-    assert table[2] == "| test_ops_cuda::test_b | FAILED | 1.00 |"  # failures first
-    assert "| test_ops_cuda::test_a | passed | 0.50 |" in table
-    assert "| test_ops::test_c | skipped: no GPU | 0.00 |" in table
