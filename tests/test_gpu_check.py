@@ -310,8 +310,10 @@ def test_junit_table_and_counts(tmp_path):
 def test_a_test_step_where_every_test_skips_fails(tmp_path, monkeypatch):
     """The CUDA tests skipped (no GPU seen by pytest) prove nothing: the step fails."""
     skipping = tmp_path / "test_skipping.py"
-    skipping.write_text("import pytest\n\n@pytest.mark.skip('no GPU')\ndef test_x():\n    pass\n")
-    monkeypatch.setattr(gpu_check, "CUDA_TESTS", str(skipping))
+    skipping.write_text(
+        "import pytest\n\n@pytest.mark.cuda\n@pytest.mark.skip('no GPU')\ndef test_x():\n    pass\n"
+    )
+    monkeypatch.setattr(gpu_check, "CUDA_TESTS", (str(skipping),))
     outcome = gpu_check.pytest_step("tests", "not inductor")(Context(str(tmp_path), "9.0", 2), 120)
     assert outcome.status == "FAILED: no test ran"
     assert outcome.details.startswith("0 passed, 0 failed, 1 skipped")
@@ -323,7 +325,7 @@ def test_the_cuda_tests_collect_and_skip_cleanly_without_a_gpu():
     """Without a GPU every test of tests/test_ops_cuda.py skips (none errors at import or
     collection), and both of gpu_check's selections of them (``-k``) are non-empty."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", gpu_check.CUDA_TESTS, "-v", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", gpu_check.CUDA_TESTS[0], "-v", "-p", "no:cacheprovider"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -20,6 +20,9 @@
 //         clamped axis the value does not depend on the position, so its position gradient is 0,
 //         and the feature gradient goes to the border pixel.
 //   * an empty map (H = 0 or W = 0) reads 0 everywhere.
+//   * a sample whose position is not finite (finite boxes, offsets, spatial_scale and gamma can
+//     still overflow the compute dtype, e.g. a box edge at 3e38 with scale 2 in fp32) is outside:
+//     it reads 0 and has zero gradient, on every device.
 //   * deformable: the S x S sample lattice is split into G x G groups of (S/G) x (S/G) samples
 //     (the "sub-boxes"); group (gi, gj) is shifted by gamma * offsets[:, :, gi, gj] * (box_w,
 //     box_h). With zero offsets this is exactly the plain crop.
@@ -43,6 +46,13 @@ MASKLAB_HOST_DEVICE T sample_coordinate(T start, T end, int64_t index, int64_t c
     return start + (end - start) * static_cast<T>(index) / static_cast<T>(count - 1);
   }
   return static_cast<T>(0.5) * (start + end);
+}
+
+// The offset cell (sub-box) that sample (i, j) of an out_h x out_w lattice belongs to, as a
+// row-major index into the G x G offset grid.
+MASKLAB_HOST_DEVICE int64_t offset_cell(
+    int64_t i, int64_t j, int64_t out_h, int64_t out_w, int64_t grid) {
+  return (i / (out_h / grid)) * grid + j / (out_w / grid);
 }
 
 // One box, in feature coordinates, with its optional per-group offsets.
@@ -78,9 +88,7 @@ struct BoxGeometry {
     y = sample_coordinate(y_start, y_end, i, out_h);
     x = sample_coordinate(x_start, x_end, j, out_w);
     if (offsets != nullptr) {
-      const int64_t group_i = i / (out_h / grid);
-      const int64_t group_j = j / (out_w / grid);
-      const int64_t cell = group_i * grid + group_j;
+      const int64_t cell = offset_cell(i, j, out_h, out_w, grid);
       x += gamma * offsets[cell] * (x_end - x_start);
       y += gamma * offsets[grid * grid + cell] * (y_end - y_start);
     }
@@ -106,9 +114,12 @@ struct BilinearSample {
     const T last_y = static_cast<T>(height - 1);
     const T last_x = static_cast<T>(width - 1);
     const T margin = clamp_border ? static_cast<T>(1) : static_cast<T>(0);
-    // The negated comparison also rejects NaN positions.
-    inside = height > 0 && width > 0 &&
-        !(y < -margin || y > last_y + margin || x < -margin || x > last_x + margin);
+    // Written positively: every comparison with NaN is false, so a NaN position (a box or shift
+    // that overflowed the compute dtype, e.g. inf - inf) counts as outside and reads 0, and
+    // floor() below only ever sees a finite position within the map (floor(NaN) cast to an
+    // integer is undefined behaviour).
+    inside = height > 0 && width > 0 && y >= -margin && y <= last_y + margin && x >= -margin &&
+        x <= last_x + margin;
     clamped_y = clamped_x = false;
     if (!inside) {
       for (int q = 0; q < 4; ++q) {
@@ -156,18 +167,26 @@ struct BilinearSample {
     }
   }
 
-  // d(value)/dy and d(value)/dx given the four corner values.
-  MASKLAB_HOST_DEVICE void position_gradient(const T values[4], T& dvalue_dy, T& dvalue_dx) const {
-    if (!inside) {
-      dvalue_dy = dvalue_dx = 0;
-      return;
-    }
+  // Adds one channel's share to the four per-sample sums that position_gradient() takes:
+  // g (f10 - f00), g (f11 - f01), g (f01 - f00), g (f11 - f10), with corner values f as given by
+  // corners() (absent corners read 0).
+  MASKLAB_HOST_DEVICE static void accumulate_position_sums(T g, const T values[4], T sums[4]) {
+    sums[0] += g * (values[2] - values[0]);
+    sums[1] += g * (values[3] - values[1]);
+    sums[2] += g * (values[1] - values[0]);
+    sums[3] += g * (values[3] - values[2]);
+  }
+
+  // d(loss)/dy and d(loss)/dx of this sample from the channel sums of accumulate_position_sums:
+  // d/dy = hx sums[0] + lx sums[1], d/dx = hy sums[2] + ly sums[3]. Outside the map, and along an
+  // axis clamped to the border, the value does not depend on the position: the gradient is
+  // exactly 0 there, without multiplying anything by 0, so a non-finite upstream gradient (inf,
+  // NaN) gives 0 and not 0 * inf = NaN, the same on every device.
+  MASKLAB_HOST_DEVICE void position_gradient(const T sums[4], T& grad_y, T& grad_x) const {
     const T hy = static_cast<T>(1) - ly;
     const T hx = static_cast<T>(1) - lx;
-    dvalue_dy = clamped_y ? static_cast<T>(0)
-                          : hx * (values[2] - values[0]) + lx * (values[3] - values[1]);
-    dvalue_dx = clamped_x ? static_cast<T>(0)
-                          : hy * (values[1] - values[0]) + ly * (values[3] - values[2]);
+    grad_y = inside && !clamped_y ? hx * sums[0] + lx * sums[1] : static_cast<T>(0);
+    grad_x = inside && !clamped_x ? hy * sums[2] + ly * sums[3] : static_cast<T>(0);
   }
 };
 

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace masklab {
 
 void check_sampling_inputs(
@@ -100,6 +102,76 @@ void check_sampling_inputs(
   }
 }
 
+namespace {
+
+// Whether `value` stays finite when cast to `dtype` (float or double), as the kernels cast it.
+bool finite_in(double value, at::ScalarType dtype) {
+  return dtype == at::kDouble ? std::isfinite(value) : std::isfinite(static_cast<float>(value));
+}
+
+// torch's Python name of an opmath dtype, as the fake kernels print it.
+const char* opmath_name(at::ScalarType dtype) {
+  return dtype == at::kDouble ? "float64" : "float32";
+}
+
+}  // namespace
+
+void check_sampling_parameters(
+    const char* op_name,
+    const at::Tensor& features,
+    const SamplingSpec& spec,
+    bool deformable) {
+  const auto dtype = opmath_dtype(features);
+  TORCH_CHECK(
+      finite_in(spec.spatial_scale, dtype),
+      op_name,
+      ": spatial_scale must be finite (in ",
+      opmath_name(dtype),
+      ", the dtype sample positions are computed in), got ",
+      spec.spatial_scale);
+  if (deformable) {
+    TORCH_CHECK(
+        finite_in(spec.gamma, dtype),
+        op_name,
+        ": gamma must be finite (in ",
+        opmath_name(dtype),
+        ", the dtype sample positions are computed in), got ",
+        spec.gamma);
+  }
+}
+
+void check_grad_output(
+    const char* op_name,
+    const at::Tensor& grad_output,
+    const at::Tensor& features,
+    const at::Tensor& boxes) {
+  TORCH_CHECK(
+      grad_output.dim() == 4 && grad_output.size(0) == boxes.size(0) &&
+          grad_output.size(1) == features.size(1),
+      op_name,
+      ": grad must be [K, C, out_h, out_w] = [",
+      boxes.size(0),
+      ", ",
+      features.size(1),
+      ", ...], got ",
+      grad_output.sizes());
+  TORCH_CHECK(
+      grad_output.device() == features.device(),
+      op_name,
+      ": grad is on ",
+      grad_output.device(),
+      " but features are on ",
+      features.device());
+  TORCH_CHECK(
+      grad_output.scalar_type() == features.scalar_type(),
+      op_name,
+      ": grad is ",
+      grad_output.scalar_type(),
+      " but features are ",
+      features.scalar_type(),
+      "; pass grad in the features' dtype (the dtype of the op's output)");
+}
+
 void check_box_values(
     const char* op_name,
     const at::Tensor& boxes,
@@ -144,6 +216,13 @@ at::Tensor end_coefficients(int64_t count, const at::TensorOptions& options) {
   return at::full({1}, 0.5, options);
 }
 
+// grad * factor, but exactly 0 where grad is 0: a sample that reads 0 because its position
+// overflowed (a box or shift near the float range) has a zero position gradient, and its factor
+// (a box extent, gamma * offset) may be the inf that overflowed: 0 * inf would be NaN.
+at::Tensor times_where_nonzero(const at::Tensor& grad, const at::Tensor& factor) {
+  return at::where(grad != 0, grad * factor, at::zeros({}, grad.options()));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> position_gradients_to_box_and_offsets(
@@ -177,23 +256,29 @@ std::tuple<at::Tensor, at::Tensor> position_gradients_to_box_and_offsets(
     shift_x = spec.gamma * expand(offsets_cast.select(1, 0));
     shift_y = spec.gamma * expand(offsets_cast.select(1, 1));
 
+    // The box extent in feature pixels as the kernels compute it (BoxGeometry scales each edge
+    // first), so that it overflows where theirs does and not where (x2 - x1) alone would.
     const auto boxes_cast = boxes.to(options.dtype());
-    const auto box_w = (boxes_cast.select(1, 3) - boxes_cast.select(1, 1)) * spec.spatial_scale;
-    const auto box_h = (boxes_cast.select(1, 4) - boxes_cast.select(1, 2)) * spec.spatial_scale;
+    const auto feature_extent = [&](int64_t start, int64_t end) {
+      return boxes_cast.select(1, end) * spec.spatial_scale -
+          boxes_cast.select(1, start) * spec.spatial_scale;
+    };
+    const auto box_w = feature_extent(1, 3);
+    const auto box_h = feature_extent(2, 4);
     const auto cell_sum = [&](const at::Tensor& grad) {  // [K, out_h, out_w] -> [K, G, G]
       return grad.reshape({num_boxes, grid, cell_h, grid, cell_w}).sum({2, 4});
     };
     grad_offsets = at::stack(
-        {cell_sum(grad_x) * (spec.gamma * box_w).view({-1, 1, 1}),
-         cell_sum(grad_y) * (spec.gamma * box_h).view({-1, 1, 1})},
+        {times_where_nonzero(cell_sum(grad_x), (spec.gamma * box_w).view({-1, 1, 1})),
+         times_where_nonzero(cell_sum(grad_y), (spec.gamma * box_h).view({-1, 1, 1}))},
         1);
   }
 
   const auto end_y = coeff_y + shift_y;
   const auto end_x = coeff_x + shift_x;
-  const auto grad_y2 = (grad_y * end_y).sum({1, 2});
+  const auto grad_y2 = times_where_nonzero(grad_y, end_y).sum({1, 2});
   const auto grad_y1 = grad_y.sum({1, 2}) - grad_y2;
-  const auto grad_x2 = (grad_x * end_x).sum({1, 2});
+  const auto grad_x2 = times_where_nonzero(grad_x, end_x).sum({1, 2});
   const auto grad_x1 = grad_x.sum({1, 2}) - grad_x2;
   auto grad_boxes =
       at::stack({at::zeros_like(grad_x1), grad_x1, grad_y1, grad_x2, grad_y2}, 1) *

@@ -28,6 +28,24 @@ void check_sampling_inputs(
     int64_t out_h,
     int64_t out_w);
 
+// spatial_scale (and gamma, for the deformable op) must be finite in the dtype positions are
+// computed in (opmath_dtype: a double that overflows float32 is inf there): a non-finite factor
+// makes every position NaN or infinite. Scalars only, so it runs on every device.
+void check_sampling_parameters(
+    const char* op_name,
+    const at::Tensor& features,
+    const SamplingSpec& spec,
+    bool deformable);
+
+// grad_output of a backward op: [K, C, out_h, out_w] for K boxes and C feature channels, on the
+// features' device and in their dtype (autograd passes the output's dtype; a direct call with a
+// grad elsewhere would hand a foreign pointer to the kernels).
+void check_grad_output(
+    const char* op_name,
+    const at::Tensor& grad_output,
+    const at::Tensor& features,
+    const at::Tensor& boxes);
+
 // Data checks that need the box values: finite coordinates, integral batch indices in [0, N),
 // finite offsets. Host-side, so run on the CPU only: on CUDA it would cost a host sync per call
 // (and break CUDA-graph capture); the CUDA kernels assert the same conditions on the device.

@@ -460,26 +460,15 @@ void position_gradient(
             }
             acc_t f[4];
             sample.corners(plane, f);
-            const acc_t g_value = static_cast<acc_t>(grad[s]);
-            acc_t* total = sums.data() + s * 4;
-            total[0] += g_value * (f[2] - f[0]);
-            total[1] += g_value * (f[3] - f[1]);
-            total[2] += g_value * (f[1] - f[0]);
-            total[3] += g_value * (f[3] - f[2]);
+            BilinearSample<acc_t>::accumulate_position_sums(
+                static_cast<acc_t>(grad[s]), f, sums.data() + s * 4);
           }
         }
       }
       acc_t* out = grad_positions + box * num_samples * 2;
       for (int64_t s = 0; s < num_samples; ++s) {
-        const auto& sample = samples[s];
-        const acc_t* total = sums.data() + s * 4;
-        const acc_t hy = static_cast<acc_t>(1) - sample.ly;
-        const acc_t hx = static_cast<acc_t>(1) - sample.lx;
-        // Outside, or along an axis clamped to the border (aligned rule): constant value.
-        const bool y_moves = sample.inside && !sample.clamped_y;
-        const bool x_moves = sample.inside && !sample.clamped_x;
-        out[2 * s] = y_moves ? hx * total[0] + sample.lx * total[1] : static_cast<acc_t>(0);
-        out[2 * s + 1] = x_moves ? hy * total[2] + sample.ly * total[3] : static_cast<acc_t>(0);
+        // Exactly 0 outside and along a clamped axis, as on CUDA (crop_geometry.h).
+        samples[s].position_gradient(sums.data() + s * 4, out[2 * s], out[2 * s + 1]);
       }
     }
   });

@@ -61,24 +61,29 @@ struct SamplingParams {
   template <bool kDeformable>
   __device__ __forceinline__ BilinearSample<acc_t> sample(
       int64_t box, int64_t channel, int64_t i, int64_t j, int64_t& plane_offset) const {
-    const acc_t batch_value = boxes[box * 5];
+    const acc_t* box_row = boxes + box * 5;
+    const acc_t batch_value = box_row[0];
     CUDA_KERNEL_ASSERT_MSG(
         batch_value >= 0 && batch_value < static_cast<acc_t>(batch_size) &&
             batch_value == floor(batch_value),
         "masklab crop ops: box batch indices (column 0) must be integers in [0, N)");
-    const BoxGeometry<acc_t> geometry(
-        boxes + box * 5,
-        spatial_scale,
-        aligned,
-        kDeformable ? offsets + box * 2 * grid * grid : nullptr,
-        grid,
-        gamma);
+    // The inputs are checked, not the positions: finite boxes and offsets can still give a
+    // position that overflows (a box near the float range); that sample reads 0, as on the CPU.
+    CUDA_KERNEL_ASSERT_MSG(
+        isfinite(box_row[1]) && isfinite(box_row[2]) && isfinite(box_row[3]) &&
+            isfinite(box_row[4]),
+        "masklab crop ops: boxes contain NaN or infinite coordinates");
+    const acc_t* box_offsets = kDeformable ? offsets + box * 2 * grid * grid : nullptr;
+    if (kDeformable) {
+      // The two offsets this sample's sub-box uses (every cell is used by some sample).
+      const int64_t cell = offset_cell(i, j, out_h, out_w, grid);
+      CUDA_KERNEL_ASSERT_MSG(
+          isfinite(box_offsets[cell]) && isfinite(box_offsets[grid * grid + cell]),
+          "masklab crop ops: offsets contain NaN or infinite values");
+    }
+    const BoxGeometry<acc_t> geometry(box_row, spatial_scale, aligned, box_offsets, grid, gamma);
     acc_t y, x;
     geometry.position(i, j, out_h, out_w, y, x);
-    // Finite boxes and offsets give finite positions.
-    CUDA_KERNEL_ASSERT_MSG(
-        isfinite(y) && isfinite(x),
-        "masklab crop ops: boxes or offsets contain NaN or infinite values");
     BilinearSample<acc_t> result;
     result.setup(y, x, height, width, aligned);
     plane_offset = (geometry.batch_index * channels + channel) * height * width;
@@ -165,21 +170,21 @@ __global__ void backward_positions_kernel(
     int64_t plane_offset;
     const auto sample = params.template sample<kDeformable>(
         box, 0, s / params.out_w, s % params.out_w, plane_offset);
-    acc_t grad_y = 0, grad_x = 0;
+    // The channel sums and the final formula are the CPU's (crop_geometry.h): along a clamped
+    // axis the gradient is exactly 0 even for an inf or NaN upstream gradient (g * 0 would be
+    // NaN), as on the CPU.
+    acc_t sums[4] = {0, 0, 0, 0};
     if (sample.inside) {
       for (int64_t c = 0; c < params.channels; ++c) {
         acc_t values[4];
         sample.corners(features + plane_offset + c * plane_size, values);
-        acc_t dvalue_dy, dvalue_dx;
-        sample.position_gradient(values, dvalue_dy, dvalue_dx);
-        const acc_t g_value =
-            static_cast<acc_t>(grad_output[(box * params.channels + c) * num_samples + s]);
-        grad_y += g_value * dvalue_dy;
-        grad_x += g_value * dvalue_dx;
+        BilinearSample<acc_t>::accumulate_position_sums(
+            static_cast<acc_t>(grad_output[(box * params.channels + c) * num_samples + s]),
+            values,
+            sums);
       }
     }
-    grad_positions[2 * index] = grad_y;
-    grad_positions[2 * index + 1] = grad_x;
+    sample.position_gradient(sums, grad_positions[2 * index], grad_positions[2 * index + 1]);
   }
 }
 

@@ -25,6 +25,7 @@ at::Tensor sampling_forward(
     const at::Tensor& offsets,
     const SamplingSpec& spec) {
   check_sampling_inputs(op_name, features, boxes, offsets, spec.out_h, spec.out_w);
+  check_sampling_parameters(op_name, features, spec, kDeformable);
   const c10::DeviceGuard device_guard(features.device());
   if (Kernels::kHostValueChecks) {
     check_box_values(op_name, boxes, offsets, features.size(0));
@@ -54,22 +55,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampling_backward(
     bool features_grad,
     bool geometry_grad) {
   check_sampling_inputs(op_name, features, boxes, offsets, spec.out_h, spec.out_w);
-  TORCH_CHECK(
-      grad_output.dim() == 4 && grad_output.size(0) == boxes.size(0) &&
-          grad_output.size(1) == features.size(1),
-      op_name,
-      ": grad_output must be [K, C, out_h, out_w] = [",
-      boxes.size(0),
-      ", ",
-      features.size(1),
-      ", ...], got ",
-      grad_output.sizes());
+  check_sampling_parameters(op_name, features, spec, kDeformable);
+  check_grad_output(op_name, grad_output, features, boxes);
   const c10::DeviceGuard device_guard(features.device());
   if (Kernels::kHostValueChecks) {
     check_box_values(op_name, boxes, offsets, features.size(0));
   }
   const auto opmath = opmath_dtype(features);
-  const auto grad_contiguous = grad_output.to(features.scalar_type()).contiguous();
+  const auto grad_contiguous = grad_output.contiguous();
   const auto boxes_opmath = boxes.to(opmath).contiguous();
   const auto offsets_opmath = kDeformable ? offsets.to(opmath).contiguous() : at::Tensor();
 

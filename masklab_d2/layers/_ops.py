@@ -1,11 +1,17 @@
 """Loads the compiled ops (masklab_d2._C) and registers their fake kernels and autograd formulas.
 
 Imported lazily by the op wrappers, so that the pure-PyTorch parts of `masklab_d2.layers` work
-without a build. There is no silent fallback to the reference implementations.
+without a build. There is no silent fallback to the reference implementations. Importing
+masklab_d2._C alone imports this module too (csrc/masklab.cpp), so a process that only loads the
+extension, e.g. to run a model saved with torch.export, has the fake kernels and autograd formulas;
+the extension names this module to torch with ``m.set_python_module``, and torch then requires the
+fake kernels to be registered from here.
 """
 
+import math
 import os
 import re
+import struct
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -98,9 +104,45 @@ _check_visible_gpus()
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def check_crop_arguments(op_name: str, features, boxes, offsets, output_size: Sequence[int]):
-    """Shape, dtype and device checks shared by the fake kernels (the C++ kernels make the same
-    checks on real tensors, csrc/common/crop_sampling.cpp)."""
+def _finite_in(value: float, dtype: torch.dtype) -> bool:
+    """Whether ``value`` stays finite cast to the dtype sample positions are computed in (float64
+    for float64 features, else float32), as the C++ kernels cast it."""
+    if not math.isfinite(value):
+        return False
+    if dtype == torch.float64:
+        return True
+    try:
+        # Rounds to float32 as a C++ cast does; the standard-size format ("<f", unlike native
+        # "f") raises where that rounds to inf.
+        struct.pack("<f", value)
+    except OverflowError:
+        return False
+    return True
+
+
+def check_crop_arguments(
+    op_name: str,
+    features,
+    boxes,
+    offsets,
+    output_size: Sequence[int],
+    spatial_scale: float,
+    gamma: Optional[float] = None,
+):
+    """Shape, dtype, device and parameter checks of the fake kernels: those the C++ kernels make
+    on real tensors (csrc/common/crop_sampling.cpp), with the same messages up to how dtypes
+    print, so that torch.compile and torch.export reject what eager execution rejects. The box
+    and offset values (finite, batch indices) are data, which fake tensors do not have.
+
+    Args:
+        op_name: prefix of the error messages.
+        features: [N, C, H, W].
+        boxes: [K, 5].
+        offsets: [K, 2, G, G], or None for the plain op.
+        output_size: (out_h, out_w).
+        spatial_scale: must be finite in the features' compute dtype.
+        gamma: the deformable op's offset scale (same rule), or None for the plain op.
+    """
     torch._check(
         features.dim() == 4,
         lambda: f"{op_name}: features must be a 4-D [N, C, H, W] tensor, got {tuple(features.shape)}",
@@ -110,6 +152,11 @@ def check_crop_arguments(op_name: str, features, boxes, offsets, output_size: Se
         lambda: f"{op_name}: boxes must be a [K, 5] tensor of (batch_index, x1, y1, x2, y2), "
         f"got {tuple(boxes.shape)}",
     )
+    for name, tensor in (("features", features), ("boxes", boxes), ("offsets", offsets)):
+        torch._check(
+            tensor is None or tensor.dtype.is_floating_point,
+            lambda: f"{op_name}: {name} must be floating point, got {tensor.dtype}",
+        )
     for name, geometry in (("boxes", boxes), ("offsets", offsets)):
         if geometry is None:
             continue
@@ -130,18 +177,49 @@ def check_crop_arguments(op_name: str, features, boxes, offsets, output_size: Se
         lambda: f"{op_name}: output size must be positive, got {tuple(output_size)}",
     )
     if offsets is not None:
+        # G > 0 before the divisibility test below divides by it.
         torch._check(
             offsets.dim() == 4
             and offsets.shape[0] == boxes.shape[0]
             and offsets.shape[1] == 2
-            and offsets.shape[2] == offsets.shape[3],
-            lambda: f"{op_name}: offsets must be [K, 2, G, G], got {tuple(offsets.shape)}",
+            and offsets.shape[2] == offsets.shape[3]
+            and offsets.shape[2] > 0,
+            lambda: f"{op_name}: offsets must be [K, 2, G, G] with K = {boxes.shape[0]} boxes, "
+            f"got shape {tuple(offsets.shape)}",
         )
         torch._check(
             output_size[0] % offsets.shape[2] == 0 and output_size[1] % offsets.shape[2] == 0,
             lambda: f"{op_name}: output size {tuple(output_size)} must be divisible by the "
             f"offset grid {offsets.shape[2]}",
         )
+    opmath = torch.float64 if features.dtype == torch.float64 else torch.float32
+    for name, value in (("spatial_scale", spatial_scale), ("gamma", gamma)):
+        if value is None:
+            continue
+        torch._check(
+            _finite_in(value, opmath),
+            lambda: f"{op_name}: {name} must be finite (in {str(opmath)[len('torch.'):]}, the "
+            f"dtype sample positions are computed in), got {value}",
+        )
+
+
+def check_grad_argument(op_name: str, grad, features, boxes):
+    """The backward ops' checks of ``grad`` (csrc/common/crop_sampling.cpp, check_grad_output):
+    [K, C, out_h, out_w], on the features' device and in their dtype."""
+    torch._check(
+        grad.dim() == 4 and grad.shape[0] == boxes.shape[0] and grad.shape[1] == features.shape[1],
+        lambda: f"{op_name}: grad must be [K, C, out_h, out_w] = [{boxes.shape[0]}, "
+        f"{features.shape[1]}, ...], got {tuple(grad.shape)}",
+    )
+    torch._check(
+        grad.device == features.device,
+        lambda: f"{op_name}: grad is on {grad.device} but features are on {features.device}",
+    )
+    torch._check(
+        grad.dtype == features.dtype,
+        lambda: f"{op_name}: grad is {grad.dtype} but features are {features.dtype}; pass grad in "
+        "the features' dtype (the dtype of the op's output)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +228,9 @@ def check_crop_arguments(op_name: str, features, boxes, offsets, output_size: Se
 
 @torch.library.register_fake("masklab::crop_and_resize")
 def _crop_and_resize_fake(features, boxes, spatial_scale, crop_height, crop_width, aligned=False):
-    check_crop_arguments("crop_and_resize", features, boxes, None, (crop_height, crop_width))
+    check_crop_arguments(
+        "crop_and_resize", features, boxes, None, (crop_height, crop_width), spatial_scale
+    )
     return features.new_empty((boxes.shape[0], features.shape[1], crop_height, crop_width))
 
 
@@ -159,6 +239,10 @@ def _crop_and_resize_fake(features, boxes, spatial_scale, crop_height, crop_widt
 # assertions hold. Box and offset gradients are fresh contiguous tensors.
 @torch.library.register_fake("masklab::_crop_and_resize_backward")
 def _crop_and_resize_backward_fake(grad, features, boxes, spatial_scale, aligned, output_mask):
+    op_name = "crop_and_resize backward"
+    torch._check(grad.dim() == 4, lambda: f"{op_name}: grad must be 4-D, got {tuple(grad.shape)}")
+    check_crop_arguments(op_name, features, boxes, None, grad.shape[2:], spatial_scale)
+    check_grad_argument(op_name, grad, features, boxes)
     return (
         torch.empty_like(features),
         torch.empty_like(boxes, memory_format=torch.contiguous_format),
@@ -204,7 +288,13 @@ def _deformable_fake(
     features, boxes, offsets, spatial_scale, output_height, output_width, gamma=0.1, aligned=False
 ):
     check_crop_arguments(
-        "deformable_crop_and_resize", features, boxes, offsets, (output_height, output_width)
+        "deformable_crop_and_resize",
+        features,
+        boxes,
+        offsets,
+        (output_height, output_width),
+        spatial_scale,
+        gamma,
     )
     return features.new_empty((boxes.shape[0], features.shape[1], output_height, output_width))
 
@@ -213,6 +303,10 @@ def _deformable_fake(
 def _deformable_backward_fake(
     grad, features, boxes, offsets, spatial_scale, gamma, aligned, output_mask
 ):
+    op_name = "deformable_crop_and_resize backward"
+    torch._check(grad.dim() == 4, lambda: f"{op_name}: grad must be 4-D, got {tuple(grad.shape)}")
+    check_crop_arguments(op_name, features, boxes, offsets, grad.shape[2:], spatial_scale, gamma)
+    check_grad_argument(op_name, grad, features, boxes)
     return (
         torch.empty_like(features),
         torch.empty_like(boxes, memory_format=torch.contiguous_format),

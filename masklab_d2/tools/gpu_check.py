@@ -17,7 +17,9 @@ CPU cores, read off the work each step does: nothing here has run on a GPU yet. 
   with ``TORCH_CUDA_ARCH_LIST`` set to this GPU's compute capability and ``FORCE_CUDA=1`` (no
   silent CPU-only build, no leftover build reused); then a fresh interpreter must load a ``_C``
   that has CUDA kernels, was built for that list after the step began, and runs on the GPU.
-* tests (100 s / 40-70 s): ``tests/test_ops_cuda.py`` except the inductor tests: CPU == CUDA
+* tests (100 s / 40-70 s): the CUDA tests of ``tests/test_ops_cuda.py`` and
+  ``tests/test_ops_nonfinite.py`` (non-finite factors, overflow, clamped-axis gradients, ``grad``
+  on another device) except the inductor tests: CPU == CUDA
   forward and every gradient on random and exact-border boxes (samples at -1, H-1 and H) for
   both ops in fp32/fp64/fp16/bf16, NCHW and channels-last; gradcheck on CUDA in float64; no host
   sync; the determinism alert; CUDA graph capture; opcheck; device-side asserts; > 2^31 outputs.
@@ -71,7 +73,8 @@ EXIT_MEANING = {
     EXIT_INCOMPLETE: "nothing failed, but a step was skipped",
 }
 
-CUDA_TESTS = "tests/test_ops_cuda.py"
+# Every CUDA-marked test of these files runs (-m cuda): the op tests and the non-finite ones.
+CUDA_TESTS = ("tests/test_ops_cuda.py", "tests/test_ops_nonfinite.py")
 TESTS_SELECTION, COMPILE_SELECTION = "not inductor", "inductor"
 MAIN_CONFIG = "configs/shapes/mask_rcnn_R_18_FPN.yaml"  # the README's main job
 TRAIN_ITERS, HEAD_ITERS = 300, 20
@@ -305,7 +308,7 @@ def junit_table(xml_path: str) -> str:
 
 
 def pytest_command(selection: str, xml_path: str) -> List[str]:
-    return [sys.executable, "-m", "pytest", CUDA_TESTS, "-k", selection, "-q", "-rfEs",
+    return [sys.executable, "-m", "pytest", *CUDA_TESTS, "-m", "cuda", "-k", selection, "-q", "-rfEs",
             f"--junitxml={xml_path}", "-p", "no:cacheprovider"]  # fmt: skip
 
 
