@@ -37,11 +37,11 @@ from masklab_d2.data import PartialMaskDatasetMapper, mask_train_class_ids, regi
 from masklab_d2.data.datasets import check_mask_supervision
 from masklab_d2.engine import GracefulStopHook, launch, spare_loader_workers, stop_requested
 from masklab_d2.engine.graceful_stop import EXIT_INTERRUPTED
-from masklab_d2.engine.lazy_train import is_lazy_config
 from masklab_d2.engine.lazy_train import main as lazy_main
 from masklab_d2.evaluation import PartialCOCOEvaluator
 from masklab_d2.modeling import MaskLabCheckpointer, freeze_detector, load_detector_weights
 from masklab_d2.modeling.optim import module_lr_factors
+from masklab_d2.utils.config_files import is_lazy_config
 
 logger = logging.getLogger("masklab_d2")
 

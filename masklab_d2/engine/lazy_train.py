@@ -48,15 +48,9 @@ __all__ = [
     "build_optimizer",
     "do_test",
     "do_train",
-    "is_lazy_config",
     "main",
     "resolve_device",
 ]
-
-
-def is_lazy_config(config_file: str) -> bool:
-    """Whether ``config_file`` is a LazyConfig (Python) file rather than a YAML one."""
-    return config_file.endswith(".py")
 
 
 def setup(args):

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from masklab_d2.utils.config_files import is_lazy_config
+
 LAUNCHERS = ("local", "slurm", "submitit-local")
 _CELL_RESERVED_KEYS = ("name", "config", "opts", "seeds")
 _SPEC_KEYS = (
@@ -461,11 +463,6 @@ def train_args(spec: SweepSpec, run: Run, resume: bool = False) -> List[str]:
     if resume:
         args.append("--resume")
     return args + run_overrides(run)
-
-
-def is_lazy_config(config_file: str) -> bool:
-    """A LazyConfig Python file (train_net.py decides by the extension too)."""
-    return config_file.endswith(".py")
 
 
 def config_overrides(
