@@ -23,7 +23,11 @@ DETECTRON2_REASON = (
 def pytest_configure(config):
     config.addinivalue_line("markers", "detectron2: needs detectron2 (skipped where it is absent)")
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped where there is none)")
-    config.addinivalue_line("markers", "slow: trains a model for a while (still part of the suite)")
+    config.addinivalue_line(
+        "markers",
+        "slow: trains a model for a while; -m 'not slow' leaves them out of a quick local run "
+        "(.ci/run runs everything)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
