@@ -5,11 +5,14 @@ Every key is described in the README's "Config keys" table.
 
 import logging
 import os
+import re
 from typing import Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+
+from masklab_d2.utils.detectron2 import POINT_REND_HINT, point_rend_available
 
 # MASKLAB_ALLOW_CPU=1 lets a CUDA config run on the CPU where no GPU is visible.
 ALLOW_CPU_ENV = "MASKLAB_ALLOW_CPU"
@@ -42,8 +45,12 @@ def load_config(
     """
     cfg = get_cfg()
     add_masklab_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as error:  # yacs' two "Non-existent key" errors
+        _explain_missing_point_rend(error, config_file)
+        raise
     device = cfg.MODEL.DEVICE
     has_gpu = torch.cuda.is_available()
     if device == "auto":
@@ -65,9 +72,53 @@ def load_config(
     return cfg
 
 
+# The keys detectron2's add_pointrend_config adds: a config that sets one of them is a PointRend
+# config, which cannot load where detectron2.projects.point_rend is missing.
+POINT_REND_KEYS = (
+    "MODEL.POINT_HEAD",
+    "MODEL.IMPLICIT_POINTREND",
+    "MODEL.ROI_MASK_HEAD.FC_DIM",
+    "MODEL.ROI_MASK_HEAD.NUM_FC",
+    "MODEL.ROI_MASK_HEAD.OUTPUT_SIDE_RESOLUTION",
+    "MODEL.ROI_MASK_HEAD.POINT_HEAD_ON",
+    "INPUT.COLOR_AUG_SSD",
+    "INPUT.CROP.SINGLE_CATEGORY_MAX_AREA",
+)
+
+
+def _explain_missing_point_rend(error: Exception, config_file: str) -> None:
+    """Raises ImportError (how to install PointRend) when ``error``, yacs' "Non-existent key"
+    error, names a PointRend key and PointRend is not importable; returns otherwise."""
+    match = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(error))
+    if not match or not match.group(1).startswith(POINT_REND_KEYS) or point_rend_available():
+        return
+    raise ImportError(
+        f"the config ({config_file} and its options) sets {match.group(1)}, a key of detectron2's "
+        f"PointRend project. "
+        f"{POINT_REND_HINT}"
+    ) from error
+
+
+def add_point_rend_config(cfg: CN) -> None:
+    """detectron2's PointRend keys (its add_pointrend_config, documented in
+    projects/PointRend/point_rend/config.py), where detectron2.projects.point_rend imports;
+    nothing otherwise, so that every other config loads without it."""
+    if not point_rend_available():
+        return
+    from detectron2.projects.point_rend import add_pointrend_config
+
+    add_pointrend_config(cfg)
+
+
 def add_masklab_config(cfg: CN) -> None:
     """Adds every masklab_d2 key, each with its default, to a detectron2 config in place."""
     _C = cfg
+
+    # ---- PointRend (PartialPointRendMaskHead) -------------------------------------------------
+    # First: its ROI_MASK_HEAD.IN_FEATURES default ("p2",) would make every head read p2 alone;
+    # masklab_d2's default below (the box branch's maps) replaces it. The PointRend configs set
+    # ["p2"], as detectron2's.
+    add_point_rend_config(_C)
 
     # ---- Partially supervised data -----------------------------------------------------------
     # Classes whose masks train the mask branch: "all", a class group (e.g. "voc") or "a,b,c".

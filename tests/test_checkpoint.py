@@ -54,7 +54,10 @@ def test_coco_config_starts_from_an_imagenet_checkpoint(config, tmp_path):
 
     from masklab_d2.config import load_config
     from masklab_d2.modeling import MaskLabCheckpointer
+    from masklab_d2.utils.detectron2 import point_rend_available
 
+    if "point_rend" in os.path.basename(config) and not point_rend_available():
+        pytest.skip("detectron2.projects.point_rend is not importable (README: Heads, PointRend)")
     cfg = load_config(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     model = build_model(cfg)
     state = model.state_dict()

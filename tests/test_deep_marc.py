@@ -36,6 +36,7 @@ from masklab_d2.layers.hourglass import (  # noqa: E402
 )
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead, ResNetMaskHead  # noqa: E402
 from masklab_d2.tools import profile_heads  # noqa: E402
+from masklab_d2.utils.detectron2 import point_rend_available  # noqa: E402
 
 SHAPES_CONFIGS = sorted(
     glob.glob(os.path.join(CONFIGS, "shapes", "deep_marc_*.yaml"))
@@ -386,6 +387,8 @@ def test_comparison_configs_evaluate_with_precise_bn_and_coco_deep_marc_syncs_bn
     configs = glob.glob(os.path.join(CONFIGS, "shapes*", "*.yaml")) + glob.glob(
         os.path.join(CONFIGS, "coco*", "*FPN*.yaml")
     )
+    if not point_rend_available():  # PointRend's configs need its keys
+        configs = [p for p in configs if "point_rend" not in os.path.basename(p)]
     assert len(configs) > 20
     for path in configs:
         assert load_config(path).TEST.PRECISE_BN.ENABLED, path

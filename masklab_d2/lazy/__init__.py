@@ -21,6 +21,7 @@ from .models import (  # noqa: E402
     use_deep_marc_head,
     use_mask_rcnn_head,
     use_masklab_head,
+    use_point_rend_head,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "use_deep_marc_head",
     "use_mask_rcnn_head",
     "use_masklab_head",
+    "use_point_rend_head",
 ]

@@ -39,7 +39,9 @@ from masklab_d2.modeling.backbone import HypercolumnFPN, HypercolumnResNet, buil
 from masklab_d2.modeling.blendmask_head import BlendMaskHead
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead, ResNetMaskHead
 from masklab_d2.modeling.masklab_head import MaskLabHead
+from masklab_d2.modeling.point_rend_head import point_rend_mask_head
 from masklab_d2.modeling.poolers import CropAndResizePooler, DeformableCropAndResizePooler
+from masklab_d2.utils.detectron2 import require_point_rend
 
 __all__ = [
     "crop_and_resize_poolers",
@@ -52,6 +54,7 @@ __all__ = [
     "use_deep_marc_head",
     "use_mask_rcnn_head",
     "use_masklab_head",
+    "use_point_rend_head",
 ]
 
 
@@ -460,4 +463,58 @@ def use_masklab_head(
     )
     head.update(kwargs)
     roi_heads.mask_head = L(MaskLabHead)(**head)
+    return model
+
+
+def use_point_rend_head(
+    model,
+    *,
+    cls_agnostic: bool = False,
+    train_on_gt_boxes: Optional[bool] = None,
+    in_features: Sequence[str] = ("p2",),
+    roi_mask_head: Optional[Dict[str, object]] = None,
+    point_head: Optional[Dict[str, object]] = None,
+):
+    """detectron2's PointRend mask head (masklab_d2's PartialPointRendMaskHead), reading
+    ``in_features`` for its coarse crops and its points.
+
+    The head is built by :func:`~masklab_d2.modeling.point_rend_head.point_rend_mask_head` from
+    the YAML keys, so the YAML and lazy paths make the same head. It crops for itself: the mask
+    pooler is removed. Defaults are detectron2's PointRend (COCO) model: 14 x 14 crops of p2, 7 x 7
+    coarse masks from a 2x2/2 conv of 256 and two FCs of 1024, a point head of 3 FCs of 256, 196
+    training points per box, 5 subdivision steps of 784 points (-> 224 x 224).
+
+    Args:
+        model: a LazyConfig GeneralizedRCNN node (FPN-like backbone).
+        cls_agnostic: one mask for every class, in the coarse and the point head.
+        train_on_gt_boxes: train on ground-truth boxes (None: keep the ROI heads' setting).
+        in_features: the maps the coarse head crops and the point head samples.
+        roi_mask_head: other ``MODEL.ROI_MASK_HEAD`` keys by lower-case name (``conv_dim``,
+            ``fc_dim``, ``num_fc``, ``output_side_resolution``, ``pooler_resolution``, ...).
+        point_head: ``MODEL.POINT_HEAD`` keys by lower-case name (``fc_dim``, ``num_fc``,
+            ``train_num_points``, ``subdivision_steps``, ``subdivision_num_points``, ...).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ImportError: where detectron2.projects.point_rend is missing (the message says how to
+            install it).
+    """
+    require_point_rend("masklab_d2.lazy.use_point_rend_head")
+    partial_roi_heads(model, train_mask_on_gt_boxes=train_on_gt_boxes)
+    roi_heads = model.roi_heads
+    roi_heads.mask_in_features = list(in_features)
+    roi_heads.mask_pooler = None
+    roi_heads.mask_head = L(point_rend_mask_head)(
+        input_shape=feature_shapes(model, in_features),
+        num_classes="${..num_classes}",
+        cls_agnostic=cls_agnostic,
+        roi_mask_head={
+            "in_features": list(in_features),
+            "point_head_on": True,
+            **(roi_mask_head or {}),
+        },
+        point_head={"in_features": list(in_features), **(point_head or {})},
+    )
     return model

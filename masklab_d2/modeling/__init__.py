@@ -12,6 +12,7 @@ from . import blendmask_head as _blendmask_head  # noqa: E402,F401  (registratio
 from . import box_heads as _box_heads  # noqa: E402,F401  (registration)
 from . import deep_marc_head as _deep_marc_head  # noqa: E402,F401  (registration)
 from . import masklab_head as _masklab_head  # noqa: E402,F401  (registration)
+from . import point_rend_head as _point_rend_head  # noqa: E402,F401  (registration)
 from .checkpoint import MaskLabCheckpointer  # noqa: E402
 from .freeze import freeze_detector, load_detector_weights  # noqa: E402
 from .poolers import build_roi_pooler  # noqa: E402

@@ -10,8 +10,9 @@ weights, ``MODEL.WEIGHTS`` ignored) and run in eval mode, as at inference, on on
 ``scores``) and random feature maps shaped like the backbone's outputs for that image
 (``ROI_MASK_HEAD.IN_FEATURES``, else ``ROI_HEADS.IN_FEATURES``). The branch is everything the ROI
 heads run for masks: the mask pooler (RoIAlign of Mask R-CNN, Deep-MARC) and the head, or the
-head alone when it crops for itself (``POOLER_TYPE: ""``: MaskLab, BlendMask) -- so every row
-includes its cropping, and per-image work such as BlendMask's bottom module.
+head alone when it crops for itself (``POOLER_TYPE: ""``: MaskLab, BlendMask, PointRend) -- so
+every row includes its cropping, per-image work such as BlendMask's bottom module, and
+PointRend's whole subdivision inference (its point sampling counted as ``aten::grid_sampler``).
 
 A config entry may carry overrides for that entry alone, ``PATH@KEY=VALUE[@KEY=VALUE...]``
 (e.g. ``deep_marc_R_50_FPN_hg52_1x.yaml@MODEL.DEEP_MARC.NETWORK=hourglass20``); ``--opts``

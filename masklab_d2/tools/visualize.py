@@ -27,6 +27,9 @@ writes into the output folder:
   The box pooler runs again on the final boxes, so the offsets are those of the detections.
 * ``<stem>_blendmask.png`` (heads with ``last_bases`` / ``last_attentions``, BlendMask): the K
   bases over the image and each top detection's K attention maps (softmax over the bases).
+* ``<stem>_point_rend.png`` (detectron2's PointRendMaskHead): per top detection its coarse mask,
+  the point head's mask on the first subdivision grid, the points each later subdivision step
+  re-predicted (on the final mask) and the final mask.
 """
 
 import argparse
@@ -62,6 +65,8 @@ from masklab_d2.tools.visualize_heads import (  # noqa: E402
     draw_blendmask,
     draw_deformable,
     draw_masklab,
+    draw_point_rend,
+    point_rend_recording,
     save_figure,
 )
 
@@ -139,6 +144,8 @@ class Prediction:
             decreasing score (the only ones any picture draws).
         features: the backbone's feature maps.
         head: the mask head (its intermediates are from this image).
+        point_rend: what a PointRend head computed for this image (see
+            :func:`~masklab_d2.tools.visualize_heads.point_rend_recording`; empty for other heads).
     """
 
     def __init__(self, model, cfg, image: np.ndarray, confidence_threshold: float = 0.0):
@@ -157,7 +164,7 @@ class Prediction:
             lambda module, inputs, outputs: captured.update(features=outputs)
         )
         try:
-            with torch.no_grad():
+            with torch.no_grad(), point_rend_recording(self.head) as self.point_rend:
                 self.raw = model.inference(
                     [{"image": tensor, "height": height, "width": width}], do_postprocess=False
                 )[0]
@@ -321,6 +328,7 @@ def visualize(
                 model, prediction, class_names, f"{base}_deformable.png", min(top_k, 4)
             ),
             draw_blendmask(prediction, class_names, f"{base}_blendmask.png", min(top_k, 3)),
+            draw_point_rend(prediction, class_names, f"{base}_point_rend.png", min(top_k, 3)),
         ]
         written[stem] = [p for p in paths if p]
         for path in written[stem]:

@@ -1,13 +1,15 @@
 """The head-specific pictures of :mod:`masklab_d2.tools.visualize`: MaskLab's semantic and
 direction maps and crops, the deformable box pooler's shifted sub-boxes, BlendMask's bases and
-attentions; and the figure helpers every picture uses.
+attentions, PointRend's coarse masks and subdivision points; and the figure helpers every picture
+uses.
 
 Each ``draw_*`` takes a ``visualize.Prediction`` (the model's outputs and intermediates for one
 image) and returns the path it wrote, or None when the model has nothing of that kind.
 """
 
 import colorsys
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+import contextlib
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -24,6 +26,7 @@ require_detectron2("masklab_d2.tools.visualize")
 
 from detectron2.structures import Boxes  # noqa: E402
 
+from masklab_d2.modeling.point_rend_head import PointRendMaskHead  # noqa: E402
 from masklab_d2.modeling.poolers import DeformableCropAndResizePooler  # noqa: E402
 
 if TYPE_CHECKING:  # the drawings only read a Prediction; visualize imports this module
@@ -326,5 +329,87 @@ def draw_blendmask(prediction: "Prediction", class_names, path: str, top_k: int)
         axes[row, -1].imshow(mask, cmap="viridis", vmin=0, vmax=1)
         axes[row, -1].set_title("mask", fontsize=8)
     figure.suptitle("BlendMask: bases (logits) and attentions (softmax over bases)", fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+@contextlib.contextmanager
+def point_rend_recording(head) -> Iterator[Dict[str, object]]:
+    """Records what detectron2's PointRendMaskHead computes at inference, for the pictures.
+
+    While inside, every call of the head's point-logit step is recorded: the first gives the
+    coarse logits, and each call the [R, n, 2] points (box-normalised x, y) and their [R, K, n]
+    logits -- the regular grid of the first subdivision step, then the most uncertain points of
+    each later one. The head itself is unchanged: its bound method is wrapped on this instance
+    only, and restored on leaving. Other heads record nothing.
+
+    Yields:
+        {"coarse": [R, K, S, S] logits, "steps": [([R, n, 2] points, [R, K, n] logits), ...]},
+        filled by the head's calls (empty for a head that is not PointRend's).
+    """
+    record: Dict[str, object] = {}
+    if PointRendMaskHead is None or not isinstance(head, PointRendMaskHead):
+        yield record
+        return
+    steps = []
+    point_logits = head._get_point_logits
+
+    def recording(fine_grained_features, point_coords, coarse_logits):
+        logits = point_logits(fine_grained_features, point_coords, coarse_logits)
+        record["coarse"] = coarse_logits.detach().float().cpu()
+        steps.append((point_coords.detach().float().cpu(), logits.detach().float().cpu()))
+        return logits
+
+    head._get_point_logits = recording
+    record["steps"] = steps
+    try:
+        yield record
+    finally:
+        del head._get_point_logits  # the class's method again
+
+
+def draw_point_rend(prediction: "Prediction", class_names, path: str, top_k: int) -> Optional[str]:
+    """PointRend's coarse masks and where it re-predicted points, for the top detections.
+
+    Per detection: its image patch, the coarse S x S mask, the point head's mask on the first
+    subdivision grid, then for each later step the points it re-predicted (dots, on the final
+    mask) at that step's resolution, and the final M x M mask. Probabilities of the detection's
+    class channel (the only one when class-agnostic).
+    """
+    record = getattr(prediction, "point_rend", None) or {}
+    steps = record.get("steps") or []
+    top = [i for i in prediction.order[:top_k] if "coarse" in record and i < len(record["coarse"])]
+    if not steps or not top:
+        return None
+    coarse = record["coarse"]
+    grid_points, grid_logits = steps[0]
+    init = round(grid_points.shape[1] ** 0.5)
+    figure, axes = axes_grid(len(top), len(steps) + 3, cell=2.4)
+    for row, index in enumerate(top):
+        channel = int(prediction.raw.pred_classes[index]) if coarse.shape[1] > 1 else 0
+        mask = prediction.raw.pred_masks[index, 0].numpy()
+        size = mask.shape[-1]
+        axes[row, 0].imshow(prediction.patch(index, size))
+        axes[row, 0].set_title(prediction.title(index, class_names), fontsize=8)
+        side = coarse.shape[-1]
+        axes[row, 1].imshow(
+            torch.sigmoid(coarse[index, channel]).numpy(), cmap="viridis", vmin=0, vmax=1
+        )
+        axes[row, 1].set_title(f"coarse {side}x{side}", fontsize=8)
+        first = torch.sigmoid(grid_logits[index, channel]).view(init, init).numpy()
+        axes[row, 2].imshow(first, cmap="viridis", vmin=0, vmax=1)
+        axes[row, 2].set_title(f"points on a {init}x{init} grid", fontsize=8)
+        for step, (points, _) in enumerate(steps[1:], start=1):
+            ax = axes[row, 2 + step]
+            ax.imshow(mask, cmap="gray", vmin=0, vmax=1)
+            xy = points[index].numpy() * size - 0.5  # box-normalised -> mask pixel centres
+            ax.scatter(xy[:, 0], xy[:, 1], s=2, c="orangered", linewidths=0)
+            ax.set_xlim(-0.5, size - 0.5)
+            ax.set_ylim(size - 0.5, -0.5)
+            resolution = init * 2**step
+            ax.set_title(f"step {step}: {len(xy)} points at {resolution}", fontsize=8)
+        axes[row, -1].imshow(mask, cmap="viridis", vmin=0, vmax=1)
+        axes[row, -1].set_title(f"mask {size}x{size}", fontsize=8)
+    figure.suptitle("PointRend: coarse mask and subdivision points", fontsize=10)
     figure.tight_layout()
     return save_figure(figure, path)
