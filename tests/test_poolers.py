@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import HAS_DETECTRON2
 
 pytestmark = [
