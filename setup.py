@@ -258,6 +258,7 @@ def main():
             "PyYAML",
             "fvcore",
             "pycocotools>=2.0.2",
+            "faster-coco-eval",  # evaluation/boundary.py: Boundary AP
             "matplotlib",
             "tabulate",
         ],

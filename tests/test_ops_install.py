@@ -118,7 +118,12 @@ def test_install_requires_covers_what_the_package_imports(setup_module, monkeypa
         for r in captured["install_requires"] + sum(captured["extras_require"].values(), [])
     }
     assert "torch>=2.4" in captured["install_requires"]
-    distribution = {"cv2": "opencv-python-headless", "PIL": "pillow", "yaml": "pyyaml"}
+    distribution = {
+        "cv2": "opencv-python-headless",
+        "PIL": "pillow",
+        "yaml": "pyyaml",
+        "faster_coco_eval": "faster-coco-eval",
+    }
     imported = set()
     for root, _, files in os.walk(os.path.join(REPO, "masklab_d2")):
         for name in files:
