@@ -115,6 +115,9 @@ def test_ground_truth_scores_100_on_every_split(tmp_path):
     assert results["segm"]["AP"] == pytest.approx(100.0)
     for group in ("seen", "unseen", "voc", "nonvoc"):
         assert results["segm"][f"{group}/AP"] == pytest.approx(100.0), group
+    if "boundary" in results:  # faster-coco-eval installed
+        for key in ("AP", "seen/AP", "unseen/AP", "voc/AP", "nonvoc/AP"):
+            assert results["boundary"][key] == pytest.approx(100.0), key
 
 
 @pytest.mark.parametrize("use_fast_impl", [True, False])
@@ -182,11 +185,12 @@ def test_all_classes_seen_has_no_unseen_group():
     finally:
         evaluator._logger.removeHandler(handler)
         evaluator._logger.setLevel(level)
-    assert "unseen/AP" not in results["segm"]
+    assert "unseen/AP" not in results["segm"] and "unseen/AP" not in results.get("boundary", {})
     assert results["segm"]["seen/AP"] == pytest.approx(results["segm"]["AP"])
-    # The table still has an unseen row, saying there is nothing to measure.
-    unseen_row = [line for line in printed.getvalue().splitlines() if line.startswith("| unseen")]
-    assert len(unseen_row) == 1 and "|          0 |" in unseen_row[0] and "-" in unseen_row[0]
+    # The table still has an unseen row, saying there is nothing to measure; so has Boundary AP's.
+    unseen_rows = [line for line in printed.getvalue().splitlines() if line.startswith("| unseen")]
+    assert len(unseen_rows) == 1 + ("boundary" in results)
+    assert all("|          0 |" in row and "-" in row for row in unseen_rows)
 
 
 @pytest.mark.parametrize("mask_format", ["polygon", "bitmask"])

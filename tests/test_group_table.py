@@ -20,3 +20,12 @@ def test_group_table_formats_numbers_next_to_an_empty_group():
     ]
     assert [c.strip() for c in lines[3].strip("|").split("|")] == ["unseen", "0", "-", "-", "-"]
     assert "15.0117" not in table
+
+
+def test_group_table_heads_its_ap_column_with_the_metric():
+    def header(*args):
+        return [c.strip() for c in group_table(*args).splitlines()[0].strip("|").split("|")]
+
+    rows = [["seen", 8, 12.5, 30.0, 1.5]]
+    assert header(rows) == ["group", "#classes", "mask AP", "AP50", "AP75"]
+    assert header(rows, "boundary AP") == ["group", "#classes", "boundary AP", "AP50", "AP75"]

@@ -7,6 +7,7 @@ submitit's LocalExecutor.
 
 import csv
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -227,9 +228,12 @@ def test_slurm_parameters():
 # ----------------------------------------------------------------- run states with fake folders
 
 
-def fake_finished(output_dir, max_iter=4, final=True, aps=(10.0, 20.0), seen=None, run=None):
+def fake_finished(
+    output_dir, max_iter=4, final=True, aps=(10.0, 20.0), seen=None, boundary=None, run=None
+):
     """A run folder as train_net.py leaves it (final evaluation at MAX_ITER when final); with
-    ``run``, its status file records the run's fingerprint, as the sweep does."""
+    ``run``, its status file records the run's fingerprint, as the sweep does. ``boundary``:
+    the final Boundary AP, seen and unseen (a run from before Boundary AP has none)."""
     os.makedirs(output_dir, exist_ok=True)
     if run is not None:
         write_status(output_dir, state=DONE, fingerprint=run_fingerprint(run))
@@ -249,6 +253,9 @@ def fake_finished(output_dir, max_iter=4, final=True, aps=(10.0, 20.0), seen=Non
         last["segm/AP75"] = aps[1] - 5
         if seen is not None:
             last["segm/seen/AP"], last["segm/unseen/AP"] = seen
+        if boundary is not None:
+            last["boundary/AP"], last["boundary/seen/AP"], last["boundary/unseen/AP"] = boundary
+            records[1]["boundary/AP"] = aps[0] - 1  # the periodic evaluation's too
         records.append(last)
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
@@ -494,9 +501,15 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     spec = load_sweep(path)
     runs = {run.name: run for run in expand_runs(spec)}
     for name, kwargs in [
-        ("SOLVER.BASE_LR=0.1__seed=0", dict(aps=(5.0, 30.0), seen=(40.0, 10.0))),
-        ("SOLVER.BASE_LR=0.1__seed=1", dict(aps=(7.0, 34.0), seen=(44.0, 12.0))),
-        ("SOLVER.BASE_LR=0.2__seed=0", dict(aps=(1.0, 20.0))),
+        (
+            "SOLVER.BASE_LR=0.1__seed=0",
+            dict(aps=(5.0, 30.0), seen=(40.0, 10.0), boundary=(20.0, 25.0, 6.0)),
+        ),
+        (
+            "SOLVER.BASE_LR=0.1__seed=1",
+            dict(aps=(7.0, 34.0), seen=(44.0, 12.0), boundary=(24.0, 29.0, 8.0)),
+        ),
+        ("SOLVER.BASE_LR=0.2__seed=0", dict(aps=(1.0, 20.0))),  # evaluated before Boundary AP
         ("SOLVER.BASE_LR=0.2__seed=1", dict(final=False)),  # interrupted
     ]:
         fake_finished(runs[name].output_dir, run=runs[name], **kwargs)
@@ -515,7 +528,10 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     first = rows[0]
     assert first["state"] == DONE and first["SOLVER.BASE_LR"] == "0.1" and first["iteration"] == "4"
     assert float(first["segm/AP"]) == 30.0 and float(first["segm/seen/AP"]) == 40.0
+    assert float(first["boundary/AP"]) == 20.0 and float(first["boundary/unseen/AP"]) == 6.0
+    assert list(first).index("boundary/AP") == list(first).index("segm/AP") + 1  # beside it
     by_run = {r["run"]: r for r in rows}
+    assert by_run["SOLVER.BASE_LR=0.2__seed=0"]["boundary/AP"] == ""  # before Boundary AP
     interrupted = by_run["SOLVER.BASE_LR=0.2__seed=1"]
     assert interrupted["state"] == INTERRUPTED and float(interrupted["segm/AP"]) == 10.0  # latest
     assert by_run["bad__seed=0"]["state"] == FAILED and by_run["bad__seed=0"]["segm/AP"] == ""
@@ -523,24 +539,34 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     table = open(paths["markdown"]).read()
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == ["cell", "SOLVER.BASE_LR", "FAKE.FAIL", "runs done", "box AP", "mask AP", "mask AP50",
-                      "mask AP75", "seen AP", "unseen AP", "s / iter"]  # fmt: skip
+    # Boundary AP beside every mask AP column, "n/a" for the runs evaluated before it.
+    assert header == ["cell", "SOLVER.BASE_LR", "FAKE.FAIL", "runs done", "box AP", "mask AP",
+                      "boundary AP", "mask AP50", "mask AP75", "seen AP", "seen boundary AP",
+                      "unseen AP", "unseen boundary AP", "s / iter"]  # fmt: skip
     cells = {
         c.strip("| ").split("|")[0].strip(): [x.strip() for x in c.strip("|").split("|")]
         for c in lines[2:]
     }
-    assert cells["SOLVER.BASE_LR=0.1"][3:8] == [
+    assert cells["SOLVER.BASE_LR=0.1"][3:9] == [
         "2/2",
         "33.0 ± 2.8",
         "32.0 ± 2.8",
+        "22.0 ± 2.8",
         "37.0 ± 2.8",
         "27.0 ± 2.8",
     ]
-    assert cells["SOLVER.BASE_LR=0.1"][8:] == ["42.0 ± 2.8", "11.0 ± 1.4", "2.500 ± 0.707"]
-    assert cells["SOLVER.BASE_LR=0.2"][3:5] == ["1/2 (1 interrupted)", "21.0"]
-    assert cells["SOLVER.BASE_LR=0.2"][8] == "—"
-    assert cells["bad"][3] == "0/2 (1 failed, 1 pending)" and cells["bad"][5] == "—"
+    assert cells["SOLVER.BASE_LR=0.1"][9:] == [
+        "42.0 ± 2.8",
+        "27.0 ± 2.8",
+        "11.0 ± 1.4",
+        "7.0 ± 1.4",
+        "2.500 ± 0.707",
+    ]
+    assert cells["SOLVER.BASE_LR=0.2"][3:7] == ["1/2 (1 interrupted)", "21.0", "20.0", "n/a"]
+    assert cells["SOLVER.BASE_LR=0.2"][9:] == ["n/a"] * 5  # finished, not reported
+    assert cells["bad"][3] == "0/2 (1 failed, 1 pending)" and cells["bad"][5:7] == ["—", "—"]
     assert "No finished run yet (—): bad" in table
+    assert "n/a: not reported by the cell's finished runs" in table
 
     for name in ("ap_bars", "seen_unseen_mask_ap", "mask_ap_vs_iteration"):
         with Image.open(paths[name]) as image:
@@ -551,11 +577,26 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
     published = sorted(os.listdir(tmp_path / "published"))
     assert published == sorted(os.path.basename(p) for p in paths.values())
 
-    # The sweep's `table` picks the columns.
-    spec = load_sweep(fake_sweep(tmp_path, extra="table: [segm/AP75, segm/unseen/AP]"))
-    table = open(write_report(spec, expand_runs(spec))["markdown"]).read()
-    header = [c.strip() for c in table.split("\n|", 1)[1].split("\n")[0].strip("|").split("|")]
-    assert header[-4:] == ["runs done", "mask AP75", "unseen AP", "s / iter"]
+    # The sweep's `table` picks the columns; a mask AP column brings its Boundary AP twin,
+    # unless the table names Boundary AP columns itself.
+    def table_header(table):
+        spec = load_sweep(fake_sweep(tmp_path, extra=f"table: {table}"))
+        table = open(write_report(spec, expand_runs(spec))["markdown"]).read()
+        return [c.strip() for c in table.split("\n|", 1)[1].split("\n")[0].strip("|").split("|")]
+
+    assert table_header("[segm/AP75, segm/unseen/AP]")[-5:] == [
+        "runs done",
+        "mask AP75",
+        "unseen AP",
+        "unseen boundary AP",
+        "s / iter",
+    ]
+    assert table_header("[segm/AP, boundary/seen/AP]")[-4:] == [
+        "runs done",
+        "mask AP",
+        "seen boundary AP",
+        "s / iter",
+    ]
 
     # Runs evaluated once (at the end) draw no curve, and without unseen AP (full supervision) no
     # seen-vs-unseen bars: those plots are not written, and the report's earlier ones are removed.
@@ -567,9 +608,18 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
         with open(metrics, "w") as f:
             for record in records:
                 record.pop("segm/unseen/AP", None)
+                if run.name == "SOLVER.BASE_LR=0.1__seed=1":  # as if evaluated before it
+                    for key in [k for k in record if k.startswith("boundary/")]:
+                        del record[key]
             f.write("".join(json.dumps(r) + "\n" for r in records if r["iteration"] != 1))
     paths = write_report(spec, list(runs.values()))
     assert "ap_bars" in paths
+    # One of the two finished seeds has Boundary AP: its value, and how many runs it is from.
+    row = next(line for line in open(paths["markdown"]) if line.startswith("| SOLVER.BASE_LR=0.1"))
+    assert [c.strip() for c in row.strip().strip("|").split("|")][5:7] == [
+        "32.0 ± 2.8",
+        "20.0 (n=1)",
+    ]
     for name in ("mask_ap_vs_iteration", "seen_unseen_mask_ap"):
         assert name not in paths
         assert not os.path.exists(os.path.join(spec.output_root, f"{name}.png"))
@@ -598,6 +648,8 @@ def check_real_report(output_root, good_runs):
         row = rows[name]
         assert row["state"] == DONE and row["iteration"] == "4", row
         assert row["segm/AP"] != "" and row["segm/unseen/AP"] != "" and row["bbox/AP"] != ""
+        if importlib.util.find_spec("faster_coco_eval"):  # the evaluator's Boundary AP
+            assert row["boundary/AP"] != "" and row["boundary/unseen/AP"] != ""
         assert float(row["train_time_s"]) >= 0
     assert "mask AP" in open(paths["md"]).read()
     with Image.open(paths["png"]) as image:

@@ -1,4 +1,4 @@
-"""COCO evaluation with mask AP on class groups: seen / unseen (partial supervision) and named.
+"""COCO evaluation with mask and Boundary AP on class groups: seen / unseen and named.
 
 All-class box and mask AP come from detectron2's COCOEvaluator unchanged. Group AP is pycocotools'
 own number with ``params.catIds`` restricted to the group (not an average of per-class APs), for:
@@ -9,6 +9,11 @@ own number with ``params.catIds`` restricted to the group (not an average of per
 
 Results land in ``results["segm"]["<group>/AP"]`` (also AP50, AP75, APs, APm, APl), hence in
 metrics.json as ``segm/<group>/AP``, and are printed as a table.
+
+Boundary AP (:mod:`masklab_d2.evaluation.boundary`, by faster-coco-eval) is a task of its own
+beside ``segm`` with the same keys: ``results["boundary"]["AP"]``, ``["AP-<class>"]``,
+``["<group>/AP"]``, ... (metrics.json: ``boundary/AP``, ``boundary/seen/AP``), for every
+evaluation that has masks; without faster-coco-eval it is left out with a warning.
 """
 
 import contextlib
@@ -19,11 +24,13 @@ from typing import Dict, List, Optional, Sequence
 
 from detectron2.evaluation import COCOEvaluator
 from detectron2.evaluation.fast_eval_api import COCOeval_opt
+from detectron2.utils.logger import create_small_table
 from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
 
 from masklab_d2.data.class_groups import class_groups_of, resolve_class_selection
 from masklab_d2.data.datasets import ensure_materialized
+from masklab_d2.evaluation.boundary import INSTALL_HINT, boundary_ap_available, evaluate_boundary
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -78,17 +85,32 @@ def _has_ground_truth(coco_gt, category_ids, img_ids) -> bool:
 
 
 class PartialCOCOEvaluator(COCOEvaluator):
-    """COCOEvaluator that adds mask AP on seen / unseen / named class groups (module docstring).
+    """COCOEvaluator that adds mask AP on seen / unseen / named class groups and Boundary AP
+    (module docstring).
 
     Args:
         dataset_name: a registered COCO-format dataset.
         mask_train_classes: the DATASETS.MASK_TRAIN_CLASSES the model was trained with.
+        boundary_ap: also evaluate Boundary AP where masks are evaluated (needs
+            faster-coco-eval; without it, a warning and no Boundary AP).
         kwargs: see detectron2's COCOEvaluator.
     """
 
-    def __init__(self, dataset_name: str, *args, mask_train_classes: str = "all", **kwargs):
+    def __init__(
+        self,
+        dataset_name: str,
+        *args,
+        mask_train_classes: str = "all",
+        boundary_ap: bool = True,
+        **kwargs,
+    ):
         metadata = ensure_materialized(dataset_name)
         super().__init__(dataset_name, *args, **kwargs)
+        self._boundary_ap = boundary_ap and boundary_ap_available()
+        if boundary_ap and not self._boundary_ap:
+            self._logger.warning(
+                f"Boundary AP needs faster-coco-eval ({INSTALL_HINT}); evaluating without it."
+            )
         thing_classes = list(metadata.thing_classes)
         named_groups = class_groups_of(metadata)
         seen = resolve_class_selection(mask_train_classes, thing_classes, named_groups)
@@ -106,11 +128,18 @@ class PartialCOCOEvaluator(COCOEvaluator):
         # COCOEvaluator rewrites category ids of the result dicts in place; keep our own copies.
         results = [dict(r) for r in itertools.chain(*[x["instances"] for x in predictions])]
         super()._eval_predictions(predictions, img_ids)
-        if not self._do_evaluation or "segm" not in self._results or not results:
+        if not self._do_evaluation or "segm" not in self._results:
             return
         to_dataset = {v: k for k, v in self._metadata.thing_dataset_id_to_contiguous_id.items()}
         for result in results:
             result["category_id"] = to_dataset[result["category_id"]]
+        if results:
+            self._eval_mask_groups(results, img_ids)
+        if self._boundary_ap:
+            self._eval_boundary(results, img_ids)
+
+    def _eval_mask_groups(self, results: List[dict], img_ids) -> None:
+        """Mask AP per class group: ``self._results["segm"]["<group>/<metric>"]``."""
         rows = []
         for name, category_ids in self._class_groups.items():
             if not category_ids:
@@ -130,9 +159,33 @@ class PartialCOCOEvaluator(COCOEvaluator):
             rows.append([name, len(category_ids)] + [metrics[m] for m in ("AP", "AP50", "AP75")])
         self._logger.info("Mask AP by class group:\n" + group_table(rows))
 
+    def _eval_boundary(self, results: List[dict], img_ids) -> None:
+        """Boundary AP over all classes, per class and per group: ``self._results["boundary"]``."""
+        metrics = evaluate_boundary(
+            self._coco_api,
+            results,
+            {name: ids for name, ids in self._class_groups.items() if ids},
+            class_names=self._metadata.get("thing_classes"),
+            img_ids=img_ids,
+            max_dets_per_image=self._max_dets_per_image,
+        )
+        self._results["boundary"] = metrics
+        self._logger.info(
+            "Evaluation results for boundary:\n"
+            + create_small_table({m: metrics[m] for m in METRICS})
+        )
+        if not results:
+            return
+        rows = [
+            [name, len(ids)] + ([metrics[f"{name}/{m}"] for m in METRICS[:3]] if ids else ["-"] * 3)
+            for name, ids in self._class_groups.items()
+        ]
+        self._logger.info("Boundary AP by class group:\n" + group_table(rows, "boundary AP"))
 
-def group_table(rows: Sequence[Sequence]) -> str:
-    """The group AP table; rows are [group, #classes, AP, AP50, AP75], a metric may be "-".
+
+def group_table(rows: Sequence[Sequence], metric: str = "mask AP") -> str:
+    """The group AP table; rows are [group, #classes, AP, AP50, AP75], a metric may be "-";
+    ``metric`` heads the AP column.
 
     Numbers are formatted here: tabulate's floatfmt skips a column that also holds text, and
     would print 15.011713670497247 next to a "-" row.
@@ -143,7 +196,7 @@ def group_table(rows: Sequence[Sequence]) -> str:
     ]
     return tabulate(
         formatted,
-        headers=["group", "#classes", "mask AP", "AP50", "AP75"],
+        headers=["group", "#classes", metric, "AP50", "AP75"],
         tablefmt="pipe",
         colalign=("left", "right", "right", "right", "right"),
         disable_numparse=True,

@@ -15,7 +15,8 @@ tool measures how much it changes a trained model's numbers; configs that train 
 
 Only BatchNorm layers in training mode are recomputed, as detectron2's hook does: frozen
 (FrozenBatchNorm) layers, e.g. a frozen detector's under head-only training, stay as they are.
-Prints one row per evaluation: box AP, mask AP, and mask AP of every class group.
+Prints one row per evaluation: box AP, mask AP, and mask AP of every class group, each mask AP
+with its Boundary AP beside it where the evaluator reports it.
 """
 
 import argparse
@@ -41,7 +42,7 @@ logger = logging.getLogger("masklab_d2.precise_bn_eval")
 
 
 def evaluate(cfg, model, dataset_name: str, output_dir: Optional[str] = None) -> Dict[str, float]:
-    """Box / mask AP (and mask AP per class group) of ``model`` on one test set, flattened."""
+    """Box / mask / Boundary AP (and per class group) of ``model`` on one test set, flattened."""
     loader = build_detection_test_loader(
         cfg, dataset_name, mapper=PartialMaskDatasetMapper(cfg, is_train=False)
     )
@@ -99,11 +100,19 @@ def precise_bn_comparison(cfg, weights: str, num_iter: int) -> List[Dict[str, ob
 
 
 def format_rows(rows: Sequence[Dict[str, object]], tablefmt: str = "pipe") -> str:
-    """The rows as a table: box AP, mask AP and the mask AP of each class group."""
-    keys = ["bbox/AP", "segm/AP"] + sorted(
+    """The rows as a table: box AP, mask AP and the mask AP of each class group, each with its
+    Boundary AP beside it where the rows have it."""
+    mask_keys = ["segm/AP"] + sorted(
         {k for row in rows for k in row if k.startswith("segm/") and k.endswith("/AP")}
         - {"segm/AP"}
     )
+    reported = {k for row in rows for k in row}
+    keys = ["bbox/AP"]
+    for key in mask_keys:
+        keys.append(key)
+        twin = "boundary/" + key[len("segm/") :]
+        if twin in reported:
+            keys.append(twin)
     table = [
         [row["statistics"], row["dataset"]]
         + [f"{row[k]:.2f}" if isinstance(row.get(k), float) else "-" for k in keys]

@@ -11,14 +11,21 @@ Writes into the sweep's output root:
   sweep's ``table`` metrics (default: box AP, mask AP, mask AP50 / AP75 and, when the evaluator
   reports them, seen / unseen mask AP) and of the training seconds per iteration; the number of
   runs done; the sum of the runs' wall times. Cells without a finished run show "—" and their
-  runs' states.
-* ``ap_bars.png``: box and mask AP per cell, grouped bars, with std error bars where a cell has
-  more than one finished seed;
-  ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask AP (partially supervised sweeps
-  only: a sweep without unseen AP gets no such plot);
-  ``mask_ap_vs_iteration.png``: mask AP of the periodic evaluations, mean over seeds per cell;
-  only cells evaluated at two iterations or more are drawn, and with none there is no file (a
-  plot left by an earlier report is removed: a single final evaluation is no curve).
+  runs' states; a metric that a cell's finished runs did not report shows "n/a", and one that
+  only some of them reported gives its number of runs, "(n=1)".
+* ``ap_bars.png``: box, mask and Boundary AP per cell, grouped bars, with std error bars where a
+  cell has more than one finished seed;
+  ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask and Boundary AP (partially
+  supervised sweeps only: a sweep without unseen AP gets no such plot);
+  ``mask_ap_vs_iteration.png``: mask AP (solid) and Boundary AP (dashed) of the periodic
+  evaluations, mean over seeds per cell; only cells evaluated at two iterations or more are
+  drawn, and with none there is no file (a plot left by an earlier report is removed: a single
+  final evaluation is no curve).
+
+Boundary AP (``boundary/...``, the evaluator's) goes beside mask AP wherever mask AP appears:
+each mask AP key (``segm/AP``, ``segm/<group>/AP``) of the table brings its Boundary AP twin
+unless the sweep's ``table`` names Boundary AP keys itself, and the CSV has the twin of every mask
+metric. Runs evaluated before the evaluator had Boundary AP show "n/a" (blank in the CSV).
 """
 
 import csv
@@ -47,11 +54,23 @@ from masklab_d2.tools.sweeps.state import (  # noqa: E402
     run_state,
 )
 
-# (metrics.json key, table header), in column order.
-CSV_METRICS = (
-    ("bbox/AP", "box AP"),
-    ("bbox/AP50", "box AP50"),
-    ("bbox/AP75", "box AP75"),
+MASK, BOUNDARY = "segm/", "boundary/"
+
+
+def boundary_twin(key: str) -> Optional[str]:
+    """The Boundary AP key of a mask AP key ("segm/seen/AP" -> "boundary/seen/AP"), else None."""
+    return BOUNDARY + key[len(MASK) :] if key.startswith(MASK) else None
+
+
+def _boundary_header(header: str) -> str:
+    # "mask AP50" -> "boundary AP50", "seen AP" -> "seen boundary AP".
+    if header.startswith("mask "):
+        return "boundary " + header[len("mask ") :]
+    group, metric = header.rsplit(" ", 1)
+    return f"{group} boundary {metric}"
+
+
+_MASK_METRICS = (
     ("segm/AP", "mask AP"),
     ("segm/AP50", "mask AP50"),
     ("segm/AP75", "mask AP75"),
@@ -65,11 +84,23 @@ CSV_METRICS = (
     ("segm/voc/AP", "voc AP"),
     ("segm/nonvoc/AP", "nonvoc AP"),
 )
+# (metrics.json key, table header), in column order: box AP, then each mask metric followed by
+# its Boundary AP twin.
+CSV_METRICS = (
+    ("bbox/AP", "box AP"),
+    ("bbox/AP50", "box AP50"),
+    ("bbox/AP75", "box AP75"),
+) + tuple(
+    pair
+    for key, header in _MASK_METRICS
+    for pair in ((key, header), (boundary_twin(key), _boundary_header(header)))
+)
 TABLE_METRICS = ("bbox/AP", "segm/AP", "segm/AP50", "segm/AP75", "segm/seen/AP", "segm/unseen/AP")
 # Not a metric of metrics.json: training seconds per iteration, from the log (see summarize).
 SECONDS_PER_ITERATION = "s/iter"
 _HEADERS = dict(CSV_METRICS, **{SECONDS_PER_ITERATION: "s / iter"})
 _MISSING = "—"
+_NOT_REPORTED = "n/a"
 _TRAINING_TIME = re.compile(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+):(\d+)")
 
 
@@ -135,11 +166,7 @@ def collect(
         records = primary_metrics(read_metrics(run.output_dir), datasets)
         final = final_evaluation(records) or {}
         status = read_json(os.path.join(run.output_dir, STATUS_FILE)) or {}
-        curve = [
-            (int(r["iteration"]), float(r["segm/AP"]))
-            for r in evaluation_records(records)
-            if "segm/AP" in r and "iteration" in r and _finite(r["segm/AP"])
-        ]
+        evaluations = evaluation_records(records)
         rows.append(
             {
                 "run": run.name,
@@ -151,7 +178,8 @@ def collect(
                 "train_time_s": training_time_s(run.output_dir),
                 "wall_time_s": status.get("total_duration_s"),
                 "metrics": {k: v for k, v in final.items() if "/" in k and _finite(v)},
-                "curve": curve,
+                "curve": _curve(evaluations, "segm/AP"),
+                "boundary_curve": _curve(evaluations, "boundary/AP"),
             }
         )
     return rows
@@ -159,6 +187,14 @@ def collect(
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _curve(records: Sequence[Dict[str, Any]], key: str) -> List[Tuple[int, float]]:
+    return [
+        (int(r["iteration"]), float(r[key]))
+        for r in records
+        if key in r and "iteration" in r and _finite(r[key])
+    ]
 
 
 def _columns(runs: Sequence[Run]) -> List[str]:
@@ -191,11 +227,11 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         finished = [r for r in cell["rows"] if r["state"] == DONE]
         cell["done"], cell["seeds"] = len(finished), len(cell["rows"])
         cell["stats"] = {}
-        for key, _ in CSV_METRICS:
+        # Every metric of the finished runs, so that a sweep's `table` may name any of them.
+        for key in dict.fromkeys(k for r in finished for k in r["metrics"]):
             values = [r["metrics"][key] for r in finished if key in r["metrics"]]
-            if values:
-                mean, std = _mean_std(values)
-                cell["stats"][key] = (mean, std, len(values))
+            mean, std = _mean_std(values)
+            cell["stats"][key] = (mean, std, len(values))
         per_iteration = [
             r["train_time_s"] / r["iteration"]
             for r in finished
@@ -208,7 +244,13 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> None:
-    metric_keys = [k for k, _ in CSV_METRICS if any(k in r["metrics"] for r in rows)]
+    reported = {k for r in rows for k in r["metrics"]}
+    # A Boundary AP column wherever its mask twin has one, blank for runs that predate it.
+    metric_keys = [
+        k
+        for k, _ in CSV_METRICS
+        if k in reported or (k.startswith(BOUNDARY) and MASK + k[len(BOUNDARY) :] in reported)
+    ]
     header = ["run", "cell", "seed", "state", *columns, "iteration", "train_time_s", "wall_time_s"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -240,31 +282,61 @@ def _runs_cell(cell: Dict[str, Any]) -> str:
     return text
 
 
+def table_keys(table: Sequence[str] = ()) -> Tuple[List[str], Dict[str, str]]:
+    """results.md's metric keys for a sweep's ``table`` (default: TABLE_METRICS), each mask AP
+    key followed by its Boundary AP twin unless the table names Boundary AP keys itself.
+
+    Returns:
+        The keys, and {twin added: its mask AP key}.
+    """
+    keys = list(table or TABLE_METRICS)
+    if any(k.startswith(BOUNDARY) for k in keys):
+        return keys, {}
+    wanted, twins = [], {}
+    for key in keys:
+        wanted.append(key)
+        twin = boundary_twin(key)
+        if twin is not None and key.endswith("/AP") and twin not in keys:
+            wanted.append(twin)
+            twins[twin] = key
+    return wanted, twins
+
+
+def _cell_text(cell: Dict[str, Any], key: str) -> str:
+    if key not in cell["stats"]:
+        # Finished runs that did not report it (e.g. evaluated before Boundary AP) vs none yet.
+        return _NOT_REPORTED if cell["done"] else _MISSING
+    mean, std, n = cell["stats"][key]
+    digits = 3 if key == SECONDS_PER_ITERATION else 1
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+    return text + (f" (n={n})" if n < cell["done"] else "")
+
+
 def write_markdown(
     path: str, spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Sequence[str]
 ) -> None:
-    wanted = list(spec.table or TABLE_METRICS) + [SECONDS_PER_ITERATION]
-    present = [k for k in wanted if any(k in c["stats"] for c in cells)]
+    wanted, twins = table_keys(spec.table)
+    wanted.append(SECONDS_PER_ITERATION)
+    # A Boundary AP twin shows wherever its mask AP does, "n/a" in runs that predate it.
+    present = [
+        k for k in wanted if any(k in c["stats"] or twins.get(k) in c["stats"] for c in cells)
+    ]
     if not present:  # nothing finished yet: still show the headline columns
-        present = [k for k in wanted if not k.startswith(("segm/seen", "segm/unseen", "s/"))]
+        groups = ("segm/seen", "segm/unseen", "boundary/seen", "boundary/unseen", "s/")
+        present = [k for k in wanted if not k.startswith(groups)]
     # Cells named in the sweep file (or without values) are told apart by their name only.
     named = not columns or any(c["cell"] != cell_name(list(c["values"].items())) for c in cells)
     table = []
     for cell in cells:
         line = ([cell["cell"]] if named else []) + [cell["values"].get(c, "") for c in columns]
         line.append(_runs_cell(cell))
-        for key in present:
-            if key in cell["stats"]:
-                mean, std, n = cell["stats"][key]
-                digits = 3 if key == SECONDS_PER_ITERATION else 1
-                line.append(
-                    f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
-                )
-            else:
-                line.append(_MISSING)
+        line.extend(_cell_text(cell, key) for key in present)
         table.append(line)
     headers = (
-        (["cell"] if named else []) + list(columns) + ["runs done"] + [_HEADERS[k] for k in present]
+        (["cell"] if named else [])
+        + list(columns)
+        + ["runs done"]
+        + [_HEADERS.get(k, k) for k in present]
     )
     missing = [c["cell"] for c in cells if c["done"] == 0]
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
@@ -285,6 +357,11 @@ def write_markdown(
         f.write("\n")
         if missing:
             f.write(f"\nNo finished run yet ({_MISSING}): {', '.join(missing)}.\n")
+        if any(_NOT_REPORTED in line for line in table):
+            f.write(
+                f"\n{_NOT_REPORTED}: not reported by the cell's finished runs (Boundary AP: runs "
+                "evaluated before the evaluator had it).\n"
+            )
 
 
 def _label(cell: Dict[str, Any]) -> str:
@@ -302,8 +379,9 @@ def plot_bars(
     title: str,
     needs: Sequence[str] = (),
 ) -> bool:
-    """Grouped bars (one group per cell, one bar per metric) with std error bars; nothing (False)
-    when no cell has a metric of ``keys`` or one of ``needs``."""
+    """Grouped bars (one group per cell, one bar per metric) with std error bars, "n/a" where a
+    finished cell lacks a metric others have; nothing (False) when no cell has a metric of
+    ``keys`` or one of ``needs``."""
     keys = [k for k in keys if any(k in c["stats"] for c in cells)]
     if not keys or not cells or any(all(k not in c["stats"] for c in cells) for k in needs):
         return False
@@ -315,7 +393,20 @@ def plot_bars(
     for index, key in enumerate(keys):
         means = [c["stats"][key][0] if key in c["stats"] else math.nan for c in cells]
         offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
-        axes.bar(offsets, means, width, label=_HEADERS[key])
+        axes.bar(offsets, means, width, label=_HEADERS.get(key, key))
+        for x, cell in zip(offsets, cells):
+            if cell["done"] and key not in cell["stats"]:
+                axes.text(
+                    x,
+                    0.03,
+                    _NOT_REPORTED,
+                    transform=axes.get_xaxis_transform(),
+                    ha="center",
+                    va="bottom",
+                    rotation=90,
+                    fontsize=7,
+                    color="gray",
+                )
         # Error bars only where there is a spread to show: one seed has none.
         spread = [
             (x, c["stats"][key][0], c["stats"][key][1])
@@ -352,36 +443,65 @@ def plot_bars(
     return True
 
 
+def _mean_curve(rows: Sequence[Dict[str, Any]], field: str):
+    """Iterations and (mean, std) over the runs that evaluated there; None under 2 points."""
+    by_iteration: Dict[int, List[float]] = {}
+    for row in rows:
+        for iteration, value in row.get(field, ()):
+            by_iteration.setdefault(iteration, []).append(value)
+    if len(by_iteration) < 2:  # one evaluation point is no curve
+        return None
+    iterations = sorted(by_iteration)
+    several = any(len(by_iteration[i]) > 1 for i in iterations)
+    return iterations, [_mean_std(by_iteration[i]) for i in iterations], several
+
+
 def plot_curves(path: str, cells: Sequence[Dict[str, Any]]) -> bool:
-    """Mask AP vs iteration per cell: mean over the seeds that evaluated at each iteration,
-    a band of ± std where there are several."""
+    """Mask AP (solid) and Boundary AP (dashed, in the cell's colour, where the runs report it)
+    vs iteration per cell: mean over the seeds that evaluated at each iteration, a band of
+    ± std where there are several."""
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    drawn = False
+    drawn = boundary_drawn = False
     for cell in cells:
-        by_iteration: Dict[int, List[float]] = {}
-        for row in cell["rows"]:
-            for iteration, value in row["curve"]:
-                by_iteration.setdefault(iteration, []).append(value)
-        if len(by_iteration) < 2:  # one evaluation point is no curve
+        mask = _mean_curve(cell["rows"], "curve")
+        if mask is None:
             continue
-        iterations = sorted(by_iteration)
-        stats = [_mean_std(by_iteration[i]) for i in iterations]
-        means = [m for m, _ in stats]
         label = _label(cell).replace("\n", ", ")
         if cell["done"] != cell["seeds"]:
             label += f" [{_runs_cell(cell)} done]"
-        (line,) = axes.plot(iterations, means, marker="o", markersize=3, label=label)
-        if any(len(by_iteration[i]) > 1 for i in iterations):
-            low = [m - s for m, s in stats]
-            high = [m + s for m, s in stats]
-            axes.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2)
+        colour = None
+        for field, style in (("curve", "-"), ("boundary_curve", "--")):
+            curve = mask if field == "curve" else _mean_curve(cell["rows"], field)
+            if curve is None:
+                continue
+            iterations, stats, several = curve
+            means = [m for m, _ in stats]
+            (line,) = axes.plot(
+                iterations,
+                means,
+                style,
+                marker="o",
+                markersize=3,
+                color=colour,
+                label=label if field == "curve" else None,
+            )
+            colour = line.get_color()
+            if several:
+                low = [m - s for m, s in stats]
+                high = [m + s for m, s in stats]
+                axes.fill_between(iterations, low, high, color=colour, alpha=0.2)
+            boundary_drawn |= field == "boundary_curve"
         drawn = True
     if not drawn:
         plt.close(figure)
         return False
     axes.set_xlabel("iteration")
-    axes.set_ylabel("mask AP (%)")
-    axes.set_title("mask AP during training (mean ± std over seeds)")
+    if boundary_drawn:
+        axes.set_ylabel("mask AP (solid), Boundary AP (dashed) (%)")
+        axes.set_title("mask and Boundary AP during training (mean ± std over seeds)")
+    else:
+        axes.set_ylabel("mask AP (%)")
+        axes.set_title("mask AP during training (mean ± std over seeds)")
     axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -416,13 +536,13 @@ def write_report(
     write_markdown(paths["markdown"], spec, cells, columns)
     plots = {
         "ap_bars": lambda p: plot_bars(
-            p, cells, ("bbox/AP", "segm/AP"), "box and mask AP per cell"
+            p, cells, ("bbox/AP", "segm/AP", "boundary/AP"), "box, mask and Boundary AP per cell"
         ),
         "seen_unseen_mask_ap": lambda p: plot_bars(
             p,
             cells,
-            ("segm/seen/AP", "segm/unseen/AP"),
-            "mask AP on seen vs unseen classes",
+            ("segm/seen/AP", "segm/unseen/AP", "boundary/seen/AP", "boundary/unseen/AP"),
+            "mask and Boundary AP on seen vs unseen classes",
             needs=("segm/unseen/AP",),  # full supervision: every class is "seen", no comparison
         ),
         "mask_ap_vs_iteration": lambda p: plot_curves(p, cells),
