@@ -15,6 +15,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
 
+# train_net.py options for a tiny run: the 64 / 32-image shapes splits at 128 px, batch 2, no
+# loader workers, 32 RoIs per image, on the CPU, seeded; later options override them.
+TINY_YAML_OPTS = (
+    "DATASETS.TRAIN ('shapes_tiny_train',) DATASETS.TEST ('shapes_tiny_val',) "
+    "INPUT.MIN_SIZE_TRAIN (128,) INPUT.MAX_SIZE_TRAIN 128 INPUT.MIN_SIZE_TEST 128 "
+    "INPUT.MAX_SIZE_TEST 128 SOLVER.IMS_PER_BATCH 2 DATALOADER.NUM_WORKERS 0 "
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32 MODEL.DEVICE cpu SEED 0"
+).split()
+# The same for the LazyConfig shapes configs (key=value); five detections per image, whatever
+# their score (an untrained model's may all fall below the usual 0.05).
+TINY_LAZY_OPTS = [
+    "dataloader.train.dataset.names=shapes_tiny_train",
+    "dataloader.test.dataset.names=shapes_tiny_val",
+    "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+    "dataloader.train.mapper.augmentations.0.max_size=128",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+    "dataloader.test.mapper.augmentations.0.max_size=128",
+    "dataloader.train.total_batch_size=2",
+    "dataloader.train.num_workers=0",
+    "dataloader.test.num_workers=0",
+    "model.roi_heads.batch_size_per_image=32",
+    "model.proposal_generator.post_nms_topk=[100,50]",
+    "model.roi_heads.box_predictor.test_topk_per_image=5",
+    "model.roi_heads.box_predictor.test_score_thresh=0.0",
+    "train.seed=0",
+    "train.device=cpu",
+]
+
+
 def run_python(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python *args`` from the repository root on one thread; stdout and stderr together in
     ``.stdout``."""

@@ -19,10 +19,9 @@ pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
-from helpers import run_python  # noqa: E402
+from helpers import REPO, TINY_LAZY_OPTS, TINY_YAML_OPTS, run_python  # noqa: E402
 from torch import nn  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS = (1, 3, 5)
 
 
@@ -289,59 +288,17 @@ def test_a_sigkill_during_a_save_leaves_the_previous_checkpoint_to_resume(tmp_pa
 _YAML = [
     "--config-file",
     os.path.join(REPO, "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml"),
-    "DATASETS.TRAIN",
-    "('shapes_tiny_train',)",
-    "DATASETS.TEST",
-    "('shapes_tiny_val',)",
-    "INPUT.MIN_SIZE_TRAIN",
-    "(128,)",
-    "INPUT.MAX_SIZE_TRAIN",
-    "128",
-    "INPUT.MIN_SIZE_TEST",
-    "128",
-    "INPUT.MAX_SIZE_TEST",
-    "128",
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "SOLVER.WARMUP_ITERS",
-    "2",
-    "SOLVER.CHECKPOINT_PERIOD",
-    "2",
-    "TEST.EVAL_PERIOD",
-    "0",
-    "TEST.DETECTIONS_PER_IMAGE",
-    "5",
-    "TEST.PRECISE_BN.NUM_ITER",
-    "2",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-    "32",
-    "MODEL.DEVICE",
-    "cpu",
-    "SEED",
-    "0",
+    *TINY_YAML_OPTS,
+    *"SOLVER.WARMUP_ITERS 2 SOLVER.CHECKPOINT_PERIOD 2 TEST.EVAL_PERIOD 0".split(),
+    *"TEST.DETECTIONS_PER_IMAGE 5 TEST.PRECISE_BN.NUM_ITER 2".split(),
 ]
 _LAZY = [
     "--config-file",
     os.path.join(REPO, "configs", "lazy", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.py"),
-    "dataloader.train.dataset.names=shapes_tiny_train",
-    "dataloader.test.dataset.names=shapes_tiny_val",
-    "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-    "dataloader.train.mapper.augmentations.0.max_size=128",
-    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-    "dataloader.test.mapper.augmentations.0.max_size=128",
-    "dataloader.train.total_batch_size=2",
-    "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0",
-    "model.roi_heads.batch_size_per_image=32",
-    "model.proposal_generator.post_nms_topk=[100,50]",
-    "model.roi_heads.box_predictor.test_topk_per_image=5",
+    *TINY_LAZY_OPTS,
     "train.checkpointer.period=2",
     "train.eval_period=1000",
     "train.precise_bn.num_iter=2",
-    "train.seed=0",
-    "train.device=cpu",
 ]
 
 

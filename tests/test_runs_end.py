@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import REPO, run_python
+from helpers import REPO, TINY_LAZY_OPTS, TINY_YAML_OPTS, run_python
 
 # A process that ends with a spared loader's iterator still alive, its workers idle: kept by a
 # global (freed only after atexit ran), or by the traceback of an uncaught exception.
@@ -137,31 +137,28 @@ def test_launch_gives_stop_signals_back_when_done(fails):
 
 def _yaml_run(output_dir, *extra):
     config = os.path.join(REPO, "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
-    tiny = "DATASETS.TRAIN ('shapes_tiny_train',) DATASETS.TEST ('shapes_tiny_val',) "
-    tiny += "INPUT.MIN_SIZE_TRAIN (128,) INPUT.MAX_SIZE_TRAIN 128 INPUT.MIN_SIZE_TEST 128 "
-    tiny += "INPUT.MAX_SIZE_TEST 128 SOLVER.IMS_PER_BATCH 2 SOLVER.MAX_ITER 2 "
-    tiny += "TEST.PRECISE_BN.ENABLED False MODEL.DEVICE cpu DATALOADER.NUM_WORKERS 2"
-    return ["--config-file", config, *extra, *tiny.split(), "OUTPUT_DIR", str(output_dir)]
+    workers = "SOLVER.MAX_ITER 2 TEST.PRECISE_BN.ENABLED False DATALOADER.NUM_WORKERS 2".split()
+    return [
+        "--config-file",
+        config,
+        *extra,
+        *TINY_YAML_OPTS,
+        *workers,
+        "OUTPUT_DIR",
+        str(output_dir),
+    ]
 
 
 def _lazy_run(output_dir, *extra):
     config = os.path.join(REPO, "configs", "lazy", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.py")
-    tiny = [
-        "dataloader.train.dataset.names=shapes_tiny_train",
-        "dataloader.test.dataset.names=shapes_tiny_val",
-        "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-        "dataloader.train.mapper.augmentations.0.max_size=128",
-        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-        "dataloader.test.mapper.augmentations.0.max_size=128",
-        "dataloader.train.total_batch_size=2",
+    workers = [
         "dataloader.train.num_workers=2",
         "dataloader.test.num_workers=2",
         "train.max_iter=2",
         "train.precise_bn.enabled=False",
-        "train.device=cpu",
         f"train.output_dir={output_dir}",
     ]
-    return ["--config-file", config, *extra, *tiny]
+    return ["--config-file", config, *extra, *TINY_LAZY_OPTS, *workers]
 
 
 @pytest.mark.detectron2
