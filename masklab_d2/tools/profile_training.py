@@ -42,7 +42,6 @@ from tabulate import tabulate
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from masklab_d2.tools.sweeps.launch import load_train_script
 from masklab_d2.tools.sweeps.spec import REPO_ROOT
 
 logger = logging.getLogger("masklab_d2.tools.profile_training")
@@ -176,18 +175,18 @@ def _children_cpu_seconds() -> float:
 
 def build(config_file: str, opts: Sequence[str]):
     """train_net.py's Trainer pieces for ``config_file``: (cfg, model, optimizer, loader)."""
-    train_net = load_train_script(os.path.join(REPO_ROOT, "train_net.py"))
     from masklab_d2.config import load_config
+    from masklab_d2.engine.trainer import Trainer
 
     cfg = load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
-    model = train_net.Trainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         from masklab_d2.modeling import MaskLabCheckpointer
 
         MaskLabCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.train()
-    optimizer = train_net.Trainer.build_optimizer(cfg, model)
-    loader = train_net.Trainer.build_train_loader(cfg)
+    optimizer = Trainer.build_optimizer(cfg, model)
+    loader = Trainer.build_train_loader(cfg)
     return cfg, model, optimizer, loader
 
 

@@ -67,6 +67,7 @@ train.max_iter = 3600
 train.eval_period = 900
 train.checkpointer.period = 900
 train.output_dir = "output/lazy/shapes"
+train.seed = 0  # seeded, so a detector (and its curve) can be reproduced
 train.device = "auto"  # the GPU where there is one, else the CPU (these configs run on both)
 # Every BatchNorm is evaluated with statistics recomputed on 100 training batches, so no head's
 # numbers depend on its BN momentum (as Base-Shapes.yaml's TEST.PRECISE_BN).
