@@ -92,7 +92,19 @@ def test_categories_and_groups_are_stable():
         "val": (500, 2),
         "tiny_train": (64, 3),
         "tiny_val": (32, 4),
+        "test": (500, 5),
     }
+
+
+def test_the_test_split_is_val_with_its_own_images():
+    # Same size and generator as val, other images: nothing chosen on val is measured on test.
+    assert shapes.SPLITS["test"][0] == shapes.SPLITS["val"][0]
+    assert len({seed for _, seed in shapes.SPLITS.values()}) == len(shapes.SPLITS)
+    for index in range(3):
+        test_image, test_annotations = shapes._render_image(shapes.SPLITS["test"][1], index, 256)
+        val_image, _ = shapes._render_image(shapes.SPLITS["val"][1], index, 256)
+        assert test_image.shape == val_image.shape == (256, 256, 3)
+        assert not np.array_equal(test_image, val_image) and test_annotations
 
 
 def test_default_root_and_layout(monkeypatch, tmp_path):

@@ -1,7 +1,8 @@
 """Dataset registration: the built-in shapes data, and COCO-format datasets with checked loading.
 
-Importing `masklab_d2.data` registers ``shapes_train``, ``shapes_val``, ``shapes_tiny_train`` and
-``shapes_tiny_val`` (generated on first use, see :mod:`masklab_d2.data.shapes`) and gives
+Importing `masklab_d2.data` registers ``shapes_train``, ``shapes_val``, ``shapes_test``,
+``shapes_tiny_train`` and ``shapes_tiny_val`` (generated on first use, see
+:mod:`masklab_d2.data.shapes`) and gives
 detectron2's built-in COCO datasets their VOC / non-VOC class groups.
 """
 
