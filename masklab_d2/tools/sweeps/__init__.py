@@ -30,6 +30,7 @@ A sweep file (YAML) describes the runs::
     parallel: 1                                     # local runs at a time, each on its own GPUs
     env: {}                                         # extra environment of every run
     table: [segm/AP, segm/AP75, segm/seen/AP]       # results.md's metric columns (optional)
+    baseline: {head: mask_rcnn}                     # paired comparisons against it (optional)
     slurm: {partition: gpu, time: 240, cpus: 10, mem: 64, array_parallelism: 32}  # submitit
 
 A group is a mapping with an optional ``config`` (replacing the base config: a head needs several
@@ -64,7 +65,10 @@ Slurm that cannot answer counts as queued, so nothing is submitted twice; ``--fo
 relaunches such runs) is left alone. A failing run never stops the others. While it runs, a line per
 change gives the done / running / failed / pending counts and an ETA;
 ``<output_root>/sweep_status.json`` holds the same. ``--report`` (and the end of every sweep) writes
-results.csv, results.md and plots, see :mod:`masklab_d2.tools.sweeps.report`.
+results.csv, results.md and plots, see :mod:`masklab_d2.tools.sweeps.report`; with a
+``baseline``, also every cell's mean paired difference from its baseline cell (by seed) with its
+95% interval and verdict (paired.csv, and a section of results.md), see
+:mod:`masklab_d2.tools.sweeps.stats`.
 
 Launchers: ``local`` runs ``parallel`` runs at a time as subprocesses in their own sessions,
 each on its own ``num_gpus`` GPUs (CUDA_VISIBLE_DEVICES; fewer at a time, with a warning, where

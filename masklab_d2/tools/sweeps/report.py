@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from masklab_d2.tools.sweeps.fingerprint import fingerprints_of  # noqa: E402
-from masklab_d2.tools.sweeps.spec import Run, SweepSpec, cell_name  # noqa: E402
+from masklab_d2.tools.sweeps.spec import Run, SweepSpec, cell_name, column_name  # noqa: E402
 from masklab_d2.tools.sweeps.state import (  # noqa: E402
     DONE,
     STATUS_FILE,
@@ -53,6 +53,7 @@ from masklab_d2.tools.sweeps.state import (  # noqa: E402
     run_config,
     run_state,
 )
+from masklab_d2.tools.sweeps.stats import compare_cells, write_comparisons  # noqa: E402
 
 MASK, BOUNDARY = "segm/", "boundary/"
 
@@ -534,6 +535,12 @@ def write_report(
     }
     write_csv(paths["csv"], rows, columns)
     write_markdown(paths["markdown"], spec, cells, columns)
+    if spec.baseline:
+        paths["paired"] = os.path.join(output_dir, "paired.csv")
+        axis_columns = [column_name(axis) for axis in spec.axes]
+        metrics = table_keys(spec.table)[0]
+        comparisons = compare_cells(cells, axis_columns, spec.baseline, metrics)
+        write_comparisons(paths["paired"], paths["markdown"], comparisons, _HEADERS)
     plots = {
         "ap_bars": lambda p: plot_bars(
             p, cells, ("bbox/AP", "segm/AP", "boundary/AP"), "box, mask and Boundary AP per cell"

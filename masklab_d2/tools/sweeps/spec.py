@@ -36,6 +36,7 @@ _SPEC_KEYS = (
     "train_script",
     "python",
     "table",
+    "baseline",
 )
 _MAX_NAME_LENGTH = 120
 # Friendly names of the `slurm:` settings -> submitit AutoExecutor parameters.
@@ -117,6 +118,7 @@ class SweepSpec:
     train_script: str = ""
     python: str = sys.executable
     table: List[str] = dataclasses.field(default_factory=list)
+    baseline: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def directory(self) -> str:
@@ -238,7 +240,23 @@ def load_sweep(path: str, output_root: Optional[str] = None) -> SweepSpec:
         train_script=resolve_path(script, sweep_dir),
         python=str(raw.get("python") or sys.executable),
         table=_table_metrics(raw.get("table"), path),
+        baseline=_baseline(raw.get("baseline"), axes, path),
     )
+
+
+def _baseline(baseline: Any, axes: Dict[str, Any], where: str) -> Dict[str, str]:
+    """``baseline``: {axis: label or value} of the cell the others are compared with, as the
+    table's {column: label}; {} = no comparison (see :mod:`masklab_d2.tools.sweeps.stats`)."""
+    if not baseline:
+        return {}
+    if not isinstance(baseline, dict):
+        raise SweepError(f"{where}: 'baseline' must map axes to labels, e.g. {{head: mask_rcnn}}")
+    for axis, label in baseline.items():
+        if axis not in axes:
+            raise SweepError(f"{where}: baseline axis {axis!r} is not an axis ({list(axes)})")
+        if label not in axes[axis]:
+            raise SweepError(f"{where}: baseline {axis}: {label!r} is not among {list(axes[axis])}")
+    return {column_name(axis): format_label(label) for axis, label in baseline.items()}
 
 
 def _table_metrics(table: Any, where: str) -> List[str]:
