@@ -99,7 +99,7 @@ CSV_METRICS = (
 TABLE_METRICS = ("bbox/AP", "segm/AP", "segm/AP50", "segm/AP75", "segm/seen/AP", "segm/unseen/AP")
 # Not a metric of metrics.json: training seconds per iteration, from the log (see summarize).
 SECONDS_PER_ITERATION = "s/iter"
-_HEADERS = dict(CSV_METRICS, **{SECONDS_PER_ITERATION: "s / iter"})
+HEADERS = dict(CSV_METRICS, **{SECONDS_PER_ITERATION: "s / iter"})
 _MISSING = "—"
 _NOT_REPORTED = "n/a"
 _TRAINING_TIME = re.compile(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+):(\d+)")
@@ -313,9 +313,8 @@ def _cell_text(cell: Dict[str, Any], key: str) -> str:
     return text + (f" (n={n})" if n < cell["done"] else "")
 
 
-def write_markdown(
-    path: str, spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Sequence[str]
-) -> None:
+def markdown_table(spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
+    """results.md's table: one row per cell, the sweep's ``table`` metrics (module docstring)."""
     wanted, twins = table_keys(spec.table)
     wanted.append(SECONDS_PER_ITERATION)
     # A Boundary AP twin shows wherever its mask AP does, "n/a" in runs that predate it.
@@ -337,8 +336,15 @@ def write_markdown(
         (["cell"] if named else [])
         + list(columns)
         + ["runs done"]
-        + [_HEADERS.get(k, k) for k in present]
+        + [HEADERS.get(k, k) for k in present]
     )
+    return tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
+
+
+def write_markdown(
+    path: str, spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Sequence[str]
+) -> None:
+    table = markdown_table(spec, cells, columns)
     missing = [c["cell"] for c in cells if c["done"] == 0]
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     with open(path, "w") as f:
@@ -354,11 +360,10 @@ def write_markdown(
             f"one seed); training seconds per iteration. Runs' wall time in all: {wall / 3600:.2f} "
             "h.\n\n"
         )
-        f.write(tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True))
-        f.write("\n")
+        f.write(table + "\n")
         if missing:
             f.write(f"\nNo finished run yet ({_MISSING}): {', '.join(missing)}.\n")
-        if any(_NOT_REPORTED in line for line in table):
+        if _NOT_REPORTED in table:
             f.write(
                 f"\n{_NOT_REPORTED}: not reported by the cell's finished runs (Boundary AP: runs "
                 "evaluated before the evaluator had it).\n"
@@ -394,7 +399,7 @@ def plot_bars(
     for index, key in enumerate(keys):
         means = [c["stats"][key][0] if key in c["stats"] else math.nan for c in cells]
         offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
-        axes.bar(offsets, means, width, label=_HEADERS.get(key, key))
+        axes.bar(offsets, means, width, label=HEADERS.get(key, key))
         for x, cell in zip(offsets, cells):
             if cell["done"] and key not in cell["stats"]:
                 axes.text(
@@ -540,7 +545,7 @@ def write_report(
         axis_columns = [column_name(axis) for axis in spec.axes]
         metrics = table_keys(spec.table)[0]
         comparisons = compare_cells(cells, axis_columns, spec.baseline, metrics)
-        write_comparisons(paths["paired"], paths["markdown"], comparisons, _HEADERS)
+        write_comparisons(paths["paired"], paths["markdown"], comparisons, HEADERS)
     plots = {
         "ap_bars": lambda p: plot_bars(
             p, cells, ("bbox/AP", "segm/AP", "boundary/AP"), "box, mask and Boundary AP per cell"

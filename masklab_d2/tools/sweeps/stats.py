@@ -126,6 +126,44 @@ def _interval(row: Dict[str, Any]) -> str:
     return f"[{row['low']:+.2f}, {row['high']:+.2f}]"
 
 
+PAIRED_PREAMBLE = (
+    "Per metric, the mean over seeds of (cell - baseline) for runs of the same seed, its 95% t "
+    "interval and the verdict: better / worse when the interval excludes 0, else a tie "
+    "(masklab_d2/tools/sweeps/stats.py)."
+)
+
+
+def comparisons_table(comparisons: Sequence[Dict[str, Any]], headers: Dict[str, str]) -> str:
+    """The comparisons as a Markdown table (a sentence when there are none).
+
+    Args:
+        comparisons: :func:`compare_cells`'s rows.
+        headers: {metric key: column header} ("mask AP", ...).
+    """
+    from tabulate import tabulate
+
+    if not comparisons:
+        return "No cell has a finished run paired with a finished baseline run yet."
+    table = [
+        [
+            row["cell"],
+            row["baseline"],
+            headers.get(row["metric"], row["metric"]),
+            row["n"],
+            f"{row['mean']:+.2f}",
+            _interval(row),
+            row["verdict"],
+        ]
+        for row in comparisons
+    ]
+    return tabulate(
+        table,
+        headers=["cell", "vs", "metric", "n", "mean diff", "95% interval", "verdict"],
+        tablefmt="pipe",
+        disable_numparse=True,
+    )
+
+
 def write_comparisons(
     csv_path: str,
     markdown_path: str,
@@ -142,42 +180,12 @@ def write_comparisons(
     """
     import csv
 
-    from tabulate import tabulate
-
     fields = ["cell", "baseline", "metric", "n", "mean", "low", "high", "verdict"]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in comparisons:
             writer.writerow({k: "" if row[k] is None else row[k] for k in fields})
-    table = [
-        [
-            row["cell"],
-            row["baseline"],
-            headers.get(row["metric"], row["metric"]),
-            row["n"],
-            f"{row['mean']:+.2f}",
-            _interval(row),
-            row["verdict"],
-        ]
-        for row in comparisons
-    ]
     with open(markdown_path, "a") as f:
-        f.write("\n## Paired against the baseline\n\n")
-        f.write(
-            "Per metric, the mean over seeds of (cell - baseline) for runs of the same seed, its "
-            "95% t interval and the verdict: better / worse when the interval excludes 0, else a "
-            "tie (masklab_d2/tools/sweeps/stats.py).\n\n"
-        )
-        if not table:
-            f.write("No cell has a finished run paired with a finished baseline run yet.\n")
-            return
-        f.write(
-            tabulate(
-                table,
-                headers=["cell", "vs", "metric", "n", "mean diff", "95% interval", "verdict"],
-                tablefmt="pipe",
-                disable_numparse=True,
-            )
-        )
-        f.write("\n")
+        f.write(f"\n## Paired against the baseline\n\n{PAIRED_PREAMBLE}\n\n")
+        f.write(comparisons_table(comparisons, headers) + "\n")

@@ -1,0 +1,60 @@
+"""README tables generated from committed CSVs (masklab_d2/tools/sweeps/tables.py): every block in
+projects/ is what its CSV gives, and a CSV changed by hand makes the check fail until rewritten."""
+
+import glob
+import os
+import shutil
+
+import pytest
+from helpers import REPO
+
+from masklab_d2.tools.sweeps import tables
+
+README_BLOCKS = [
+    path
+    for path in sorted(glob.glob(os.path.join(REPO, "projects", "**", "*.md"), recursive=True))
+    if "<!-- sweep-table:" in open(path).read()
+]
+
+
+@pytest.mark.parametrize(
+    "readme", README_BLOCKS, ids=[os.path.relpath(p, REPO) for p in README_BLOCKS]
+)
+def test_published_tables_are_what_their_csvs_give(readme):
+    assert tables.update(readme, check=True), (
+        f"{readme}: a sweep-table block differs from its CSV; run "
+        f"python3 -m masklab_d2.tools.sweeps.tables {os.path.relpath(readme, REPO)}"
+    )
+
+
+def test_a_changed_csv_fails_the_check_until_the_block_is_rewritten(tmp_path):
+    source = os.path.join(REPO, "projects", "shapes-partial-heads")
+    shutil.copy(os.path.join(source, "results.csv"), tmp_path / "results.csv")
+    shutil.copy(os.path.join(source, "sweep.yaml"), tmp_path / "sweep.yaml")
+    sweep_text = (tmp_path / "sweep.yaml").read_text()
+    (tmp_path / "sweep.yaml").write_text(sweep_text.replace("../../configs", REPO + "/configs"))
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# A suite\n\n<!-- sweep-table: results.csv sweep.yaml -->\nhand-typed\n"
+        "<!-- /sweep-table -->\n\nProse stays.\n"
+    )
+    assert not tables.update(str(readme), check=True)
+    assert "hand-typed" in readme.read_text()  # --check changes nothing
+    assert tables.main([str(readme)]) == 0 and tables.main(["--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert "Prose stays." in text and "hand-typed" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| mask_rcnn "))
+    assert "38.0 ± 0.1" in row  # the 4-conv head's mask AP over its 3 seeds
+    assert "| head=blendmask " in text and "worse" in text  # the paired comparisons
+
+    csv_text = (tmp_path / "results.csv").read_text().splitlines()
+    first = csv_text[1].split(",")
+    first[csv_text[0].split(",").index("segm/AP")] = "99.000"
+    (tmp_path / "results.csv").write_text("\n".join([csv_text[0], ",".join(first)] + csv_text[2:]))
+    assert tables.main(["--check", str(readme)]) == 1
+
+
+def test_a_csv_that_is_not_a_report_is_refused(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a sweep report"):
+        tables.rows_from_csv(str(tmp_path / "x.csv"))
