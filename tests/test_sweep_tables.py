@@ -58,3 +58,22 @@ def test_a_csv_that_is_not_a_report_is_refused(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a sweep report"):
         tables.rows_from_csv(str(tmp_path / "x.csv"))
+
+
+def test_a_runs_curve_as_csv(tmp_path):
+    import csv
+
+    from test_sweep import fake_finished
+
+    from masklab_d2.tools import curve_csv
+
+    run = tmp_path / "run"
+    fake_finished(str(run), aps=(5.0, 30.0), seen=(40.0, 10.0), boundary=(20.0, 25.0, 6.0))
+    curve_csv.main([str(run), str(tmp_path / "curve.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    assert [r["iteration"] for r in rows] == ["1", "4"]
+    assert list(rows[0])[:4] == ["iteration", "bbox/AP", "segm/AP", "boundary/AP"]
+    assert rows[1]["segm/AP"] == "30.000" and rows[1]["segm/unseen/AP"] == "10.000"
+    assert rows[1]["boundary/unseen/AP"] == "6.000" and rows[0]["segm/unseen/AP"] == ""
+    with pytest.raises(SystemExit, match="no evaluation"):
+        curve_csv.main([str(tmp_path), str(tmp_path / "none.csv")])

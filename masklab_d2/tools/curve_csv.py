@@ -1,0 +1,66 @@
+"""The evaluation curve of one training run (its metrics.json) as a CSV, for publishing beside a
+suite (e.g. the shared detector's)::
+
+    python3 -m masklab_d2.tools.curve_csv output/shapes-partial/mask_rcnn_R_18_FPN_gtcrop \
+        projects/shapes-partial-heads/detector_curve.csv
+
+One row per evaluation (iteration order; a resumed run's repeated iterations count once): box,
+mask and Boundary AP, and each class group's mask and Boundary AP where the evaluator reported
+them (seen / unseen, voc / nonvoc), 3 decimals, on the run's first test set.
+"""
+
+import argparse
+import csv
+from typing import List, Optional, Sequence
+
+from masklab_d2.tools.sweeps.report import primary_metrics
+from masklab_d2.tools.sweeps.state import evaluation_records, read_metrics, run_config
+
+_ORDER = ("bbox/AP", "segm/AP", "boundary/AP")
+
+
+def curve_rows(output_dir: str) -> List[dict]:
+    """{"iteration", metric: value} per evaluation of the run in ``output_dir``."""
+    datasets = (run_config(output_dir).get("DATASETS") or {}).get("TEST") or ()
+    records = evaluation_records(primary_metrics(read_metrics(output_dir), datasets))
+    return [
+        {"iteration": r["iteration"], **{k: v for k, v in r.items() if _reported(k)}}
+        for r in records
+        if "iteration" in r
+    ]
+
+
+def _reported(key: str) -> bool:
+    # The headline AP of each task and class group: "segm/AP", "segm/unseen/AP", ...
+    return key.endswith("/AP") and key.split("/")[0] in ("bbox", "segm", "boundary")
+
+
+def write_curve(output_dir: str, path: str) -> List[dict]:
+    rows = curve_rows(output_dir)
+    if not rows:
+        raise SystemExit(f"{output_dir}: no evaluation in its metrics.json")
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "iteration"))
+    keys.sort(key=lambda k: (k not in _ORDER, _ORDER.index(k) if k in _ORDER else 0, k))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration"] + keys)
+        for row in rows:
+            writer.writerow([row["iteration"]] + [_text(row.get(k)) for k in keys])
+    return rows
+
+
+def _text(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("output_dir", help="a training run's OUTPUT_DIR (with metrics.json)")
+    parser.add_argument("csv", help="the CSV to write")
+    args = parser.parse_args(argv)
+    rows = write_curve(args.output_dir, args.csv)
+    print(f"{args.csv}: {len(rows)} evaluations")
+
+
+if __name__ == "__main__":
+    main()
