@@ -1,6 +1,7 @@
 """Config keys added by masklab_d2 (call `add_masklab_config(cfg)` before `merge_from_file`).
 
-Every key is described in the README's "Config keys" table.
+Every key is listed, with its default and the comment above it here, in docs/config_keys.md,
+which ``python3 -m masklab_d2.utils.config_reference --write`` generates from this file.
 """
 
 import logging

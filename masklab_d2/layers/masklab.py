@@ -9,7 +9,7 @@ semantic channel of the box's class and all direction channels, *assembles* the 
 InstanceFCN/FCIS), fuses the two with a class-agnostic 1x1 conv initialised to (0.5, 1) into
 coarse mask logits, and refines them with hypercolumn features through three 5x5 convs.
 
-Choices the paper leaves open (each a config key of MaskLabHead, see README):
+Choices the paper leaves open (each a config key of MaskLabHead, see docs/heads.md):
 
 * Regions are defined in box-normalised coordinates u = (x - cx) / (w / 2), v = (y - cy) / (h / 2)
   around the box centre. Direction d covers angles [d, d + 1) * 360 / D degrees, measured from

@@ -1,5 +1,5 @@
 """LazyConfig pieces: each mask head on detectron2's LazyConfig models, and partial supervision
-in their dataloaders (see ``configs/lazy/`` and the README's "LazyConfig" section)."""
+in their dataloaders (see ``configs/lazy/`` and docs/lazyconfig.md)."""
 
 from masklab_d2.utils.detectron2 import require_detectron2
 

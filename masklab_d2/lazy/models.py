@@ -170,9 +170,9 @@ def deformable_box_pooler(
     Args:
         model: a LazyConfig GeneralizedRCNN node.
         grid, gamma, hidden_dim, max_offset, lr_factor: see
-            :class:`~masklab_d2.modeling.poolers.DeformableCropAndResizePooler` (the README's
-            MODEL.ROI_BOX_HEAD.DEFORMABLE_* keys). ``lr_factor`` scales the offset network's
-            learning rate when masklab_d2's lazy trainer builds the optimizer.
+            :class:`~masklab_d2.modeling.poolers.DeformableCropAndResizePooler` (the
+            MODEL.ROI_BOX_HEAD.DEFORMABLE_* keys of docs/config_keys.md). ``lr_factor`` scales the
+            offset network's learning rate when masklab_d2's lazy trainer builds the optimizer.
 
     Returns:
         ``model``.
