@@ -69,26 +69,27 @@ def test_shapes_configs_train_with_partial_masks_and_infer_image_size_masks(conf
         assert flags.any() and not flags.all()  # partial: some instances have no mask
     for batch in batches:
         optimizer.zero_grad()
-        losses = _train_step(model, batch)
+        with head.recording() as recorded:
+            losses = _train_step(model, batch)
         assert {"loss_mask", "loss_basis_sem"} <= set(losses)
         assert all(math.isfinite(v.item()) for v in losses.values()), losses
         optimizer.step()
-    assert head.last_bases.shape[:2] == (2, cfg.MODEL.BLENDMASK.NUM_BASES)
-    assert not head.last_bases.requires_grad and not head.last_attentions.requires_grad
+    assert recorded["bases"].shape[:2] == (2, cfg.MODEL.BLENDMASK.NUM_BASES)
+    assert not recorded["bases"].requires_grad and not recorded["attentions"].requires_grad
 
     model.eval()
     record = DatasetCatalog.get("shapes_tiny_val")[0]
-    with torch.no_grad():
+    with torch.no_grad(), head.recording() as recorded:
         output = model([PartialMaskDatasetMapper(cfg, is_train=False)(dict(record))])[0][
             "instances"
         ]
     assert len(output) > 0
     assert output.pred_masks.shape == (len(output), record["height"], record["width"])
-    bases = head.last_bases
+    bases = recorded["bases"]
     assert (
         bases.shape[-1] * 4 >= 128 and bases.shape[-1] * 4 < 128 + 32
     )  # stride 4 of the padded image
-    assert head.last_attentions.shape == (len(output), cfg.MODEL.BLENDMASK.NUM_BASES, 14, 14)
+    assert recorded["attentions"].shape == (len(output), cfg.MODEL.BLENDMASK.NUM_BASES, 14, 14)
 
 
 @pytest.mark.parametrize("polygons", [False, True])
@@ -175,12 +176,12 @@ def test_head_sweeps_and_zero_detections(resolution, num_bases):
         instances.pred_boxes = Boxes(torch.tensor([[4.0, 4.0, 60.0, 70.0]]).repeat(n, 1))
         instances.pred_classes = torch.zeros(n, dtype=torch.int64)
         detections.append(instances)
-    with torch.no_grad():
+    with torch.no_grad(), head.recording() as recorded:
         out = head(features, detections)
     assert out[0].pred_masks.shape == (3, 1, resolution, resolution)
     assert out[1].pred_masks.shape == (0, 1, resolution, resolution)
     assert ((out[0].pred_masks >= 0) & (out[0].pred_masks <= 1)).all()
-    assert head.last_bases.shape == (2, num_bases, 32, 32)
+    assert recorded["bases"].shape == (2, num_bases, 32, 32)
     with torch.no_grad():
         empty = head(features, [detections[1], detections[1]])
     assert empty[0].pred_masks.shape == (0, 1, resolution, resolution)

@@ -28,6 +28,7 @@ from helpers import CONFIGS, REPO, tiny_cfg  # noqa: E402
 from torch import nn  # noqa: E402
 
 import masklab_d2.modeling  # noqa: E402,F401  (registers the project's backbones and ROI heads)
+from masklab_d2.modeling import class_agnostic, recording, uses_image_targets  # noqa: E402
 
 GUIDE = os.path.join(REPO, "docs", "bring_your_own_head.md")
 BASE = os.path.join(CONFIGS, "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
@@ -81,6 +82,10 @@ def test_partially_supervised_configs_build_it_class_agnostic():
     model = build_model(tiny_cfg(BASE, **{"MODEL.ROI_MASK_HEAD.NAME": "TinyMaskHead"}))
     head = model.roi_heads.mask_head
     assert isinstance(head, TinyMaskHead) and head.predictor.out_channels == 1
+    # The contract answers for it from its predictor (the guide's section 2b).
+    assert class_agnostic(head) and not uses_image_targets(head)
+    with recording(head) as record:
+        assert record == {}
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from masklab_d2.data import PartialMaskDatasetMapper  # noqa: E402
 from masklab_d2.data.class_groups import class_groups_of  # noqa: E402
 from masklab_d2.evaluation import PartialCOCOEvaluator  # noqa: E402
 from masklab_d2.lazy import deformable_box_pooler  # noqa: E402
-from masklab_d2.modeling import PartialROIHeads  # noqa: E402
+from masklab_d2.modeling import PartialROIHeads, class_agnostic  # noqa: E402
 from masklab_d2.modeling.blendmask_head import BlendMaskHead  # noqa: E402
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead  # noqa: E402
 from masklab_d2.modeling.masklab_head import MaskLabHead  # noqa: E402
@@ -62,16 +62,16 @@ def _name(path):
 
 
 def _class_agnostic(head) -> bool:
-    """Whether a head predicts one mask for every class (each head says so its own way)."""
-    if isinstance(head, MaskLabHead):
-        return head.semantic_input == "agnostic"
-    if isinstance(head, BlendMaskHead):
-        return True
+    """Whether a head predicts one mask for every class: the contract's answer, checked against
+    what the head's layers predict."""
+    answer = class_agnostic(head)
     if isinstance(head, MaskRCNNConvUpsampleHead):
-        return head.predictor.out_channels == 1
+        assert answer == (head.predictor.out_channels == 1)
     if isinstance(head, PartialPointRendMaskHead):
-        return head.num_mask_classes == 1 and head.point_head.predictor.out_channels == 1
-    return head.num_classes == 1
+        assert answer == (head.point_head.predictor.out_channels == 1)
+    if isinstance(head, BlendMaskHead):
+        assert answer
+    return answer
 
 
 def test_every_head_has_a_lazy_config_per_setting():

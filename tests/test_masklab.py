@@ -259,9 +259,8 @@ def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
     model = build_model(cfg)
     model.train()
     head = model.roi_heads.mask_head
-    head.keep_intermediates = True
     batch = [{"image": torch.rand(3, 96, 96) * 255, "instances": image_instances()}]
-    with EventStorage():
+    with EventStorage(), head.recording() as recorded:
         losses = model(batch)
     sum(losses.values()).backward()
     # Gradients reach the (zero-initialised) offset network through the deformable op.
@@ -278,9 +277,13 @@ def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
         "coarse",
         "refined",
     ):
-        assert name in head.intermediates, name
-    assert head.intermediates["direction_logits"].shape[1] == 32
-    assert head.intermediates["refined"].shape[-1] == cfg.MODEL.MASKLAB.CROP_SIZE
+        assert name in recorded, name
+        assert not recorded[name].requires_grad, name
+    assert recorded["direction_logits"].shape[1] == 32
+    assert recorded["refined"].shape[-1] == cfg.MODEL.MASKLAB.CROP_SIZE
+    with EventStorage():
+        model(batch)
+    assert head._record is None and len(recorded) == 6  # nothing recorded once outside
 
 
 @pytest.mark.detectron2

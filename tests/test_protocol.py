@@ -22,7 +22,8 @@ from masklab_d2.data import (  # noqa: E402
     mask_train_class_ids,
     resolve_class_selection,
 )
-from masklab_d2.data.datasets import DatasetFormatError, check_mask_supervision  # noqa: E402
+from masklab_d2.data.datasets import DatasetFormatError
+from masklab_d2.data.supervision import check_mask_supervision  # noqa: E402
 from masklab_d2.modeling import freeze_detector, load_detector_weights  # noqa: E402
 from masklab_d2.modeling.roi_heads import PartialROIHeads  # noqa: E402
 

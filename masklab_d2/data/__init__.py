@@ -17,6 +17,11 @@ from .datasets import (  # noqa: E402
     register_shapes_datasets,
 )
 from .mapper import PartialMaskDatasetMapper, mask_train_class_ids  # noqa: E402
+from .supervision import (  # noqa: E402
+    check_mask_supervision,
+    checked_detection_dataset_dicts,
+    mask_class_ids,
+)
 
 register_shapes_datasets()
 

@@ -20,27 +20,17 @@ from detectron2.data import detection_utils as utils
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, polygons_to_bitmask
 from PIL import UnidentifiedImageError
 
-from .class_groups import ALL_CLASSES, class_groups_of, resolve_class_selection
-from .datasets import ensure_materialized
+from .supervision import mask_class_ids
 
 logger = logging.getLogger(__name__)
 
 
 def mask_train_class_ids(cfg, dataset_names: Optional[Iterable[str]] = None) -> Optional[List[int]]:
-    """Contiguous ids of DATASETS.MASK_TRAIN_CLASSES on the training datasets; None for "all".
-
-    Raises ValueError for unknown names, or when the training datasets disagree on their classes.
-    """
-    dataset_names = list(dataset_names or cfg.DATASETS.TRAIN)
-    selection = cfg.DATASETS.MASK_TRAIN_CLASSES
-    if selection.strip() == ALL_CLASSES:
-        return None
-    metadata = [ensure_materialized(name) for name in dataset_names]
-    thing_classes = metadata[0].thing_classes
-    for name, meta in zip(dataset_names[1:], metadata[1:]):
-        if list(meta.thing_classes) != list(thing_classes):
-            raise ValueError(f"datasets {dataset_names[0]} and {name} have different classes")
-    return resolve_class_selection(selection, thing_classes, class_groups_of(metadata[0]))
+    """:func:`~masklab_d2.data.supervision.mask_class_ids` of DATASETS.MASK_TRAIN_CLASSES on
+    ``dataset_names`` (default: DATASETS.TRAIN); None for "all"."""
+    return mask_class_ids(
+        cfg.DATASETS.MASK_TRAIN_CLASSES, list(dataset_names or cfg.DATASETS.TRAIN)
+    )
 
 
 def _has_segmentation(annotation: dict) -> bool:

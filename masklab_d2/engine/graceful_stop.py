@@ -126,6 +126,16 @@ class GracefulStopHook(HookBase):
         raise StopTraining(iteration, signum)
 
 
+def evaluation_ends_on_signals() -> None:
+    """Makes Ctrl-C and a scheduler's SIGTERM end an evaluation-only run at once (it has nothing
+    to save), and exits with EXIT_INTERRUPTED when a stop already arrived; both config systems'
+    ``--eval-only`` call it first."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+    if stop_requested() is not None:
+        raise SystemExit(EXIT_INTERRUPTED)
+
+
 def _stoppable_main(main_func: Callable, *args) -> Any:
     """Runs ``main_func(*args)`` in a training process; a requested stop exits it with
     EXIT_INTERRUPTED (module-level, so that detectron2's launch can pickle it)."""

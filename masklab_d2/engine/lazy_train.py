@@ -16,7 +16,6 @@ statistics recomputed on ``num_iter`` training batches).
 """
 
 import logging
-import signal
 import weakref
 
 import torch
@@ -29,16 +28,15 @@ from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 
-from masklab_d2.config import ALLOW_CPU_ENV, cpu_fallback_allowed
+from masklab_d2 import config
 from masklab_d2.data import register_coco_datasets
 from masklab_d2.modeling import MaskLabCheckpointer
 from masklab_d2.modeling.optim import module_lr_factors
 
 from .graceful_stop import (
-    EXIT_INTERRUPTED,
     GracefulStopHook,
+    evaluation_ends_on_signals,
     spare_loader_workers,
-    stop_requested,
 )
 
 logger = logging.getLogger("masklab_d2")
@@ -65,25 +63,11 @@ def setup(args):
 
 
 def resolve_device(cfg) -> None:
-    """Sets ``cfg.train.device`` as the YAML path sets MODEL.DEVICE (masklab_d2.config).
-
-    "auto" is "cuda" when a GPU is visible, else "cpu". A CUDA device where no GPU is visible is
-    an error unless MASKLAB_ALLOW_CPU=1 (or PyTorch has no CUDA build): a job meant for GPUs must
-    not train on the CPU unnoticed.
-    """
-    device = cfg.train.device
-    has_gpu = torch.cuda.is_available()
-    if device == "auto":
-        cfg.train.device = "cuda" if has_gpu else "cpu"
-        logger.info(f"train.device auto: {cfg.train.device}")
-    elif device.startswith("cuda") and not has_gpu:
-        if not cpu_fallback_allowed():
-            raise RuntimeError(
-                f"train.device is {device!r} but no GPU is visible. To run on the CPU on purpose, "
-                f"pass train.device=cpu (or auto), or set {ALLOW_CPU_ENV}=1."
-            )
-        logger.warning(f"NO GPU VISIBLE: train.device {device!r} -> 'cpu'; this runs far slower")
-        cfg.train.device = "cpu"
+    """Sets ``cfg.train.device`` by the YAML path's device policy
+    (:func:`masklab_d2.config.resolve_device`, the fallback as train_net.py allows it)."""
+    cfg.train.device = config.resolve_device(
+        cfg.train.device, "train.device", "pass train.device=cpu (or auto)"
+    )
 
 
 def build_model(cfg) -> nn.Module:
@@ -203,11 +187,7 @@ def main(args):
     cfg = setup(args)
     if not args.eval_only:
         return do_train(args, cfg)
-    # Nothing to save on a stop: Ctrl-C and a scheduler's SIGTERM end an evaluation at once.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.default_int_handler)
-    if stop_requested() is not None:
-        raise SystemExit(EXIT_INTERRUPTED)
+    evaluation_ends_on_signals()
     model = build_model(cfg)
     model = create_ddp_model(model)
     MaskLabCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(

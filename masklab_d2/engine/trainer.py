@@ -18,7 +18,6 @@ and then trains exactly as ``train_net.py`` does is three lines (docs/bring_your
 
 import logging
 import os
-import signal
 import weakref
 
 import torch
@@ -26,7 +25,6 @@ from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
-    get_detection_dataset_dicts,
 )
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
@@ -35,18 +33,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
-from ..data import PartialMaskDatasetMapper, mask_train_class_ids, register_coco_datasets
-from ..data.datasets import check_mask_supervision
+from ..data import PartialMaskDatasetMapper, checked_detection_dataset_dicts, register_coco_datasets
 from ..evaluation import PartialCOCOEvaluator
 from ..modeling import MaskLabCheckpointer, freeze_detector, load_detector_weights
 from ..modeling.optim import module_lr_factors
 from ..utils.config_files import is_lazy_config
 from .graceful_stop import (
-    EXIT_INTERRUPTED,
     GracefulStopHook,
+    evaluation_ends_on_signals,
     launch,
     spare_loader_workers,
-    stop_requested,
 )
 from .lazy_train import main as lazy_main
 
@@ -106,21 +102,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        dataset = get_detection_dataset_dicts(
+        dataset = checked_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
+            cfg.DATASETS.MASK_TRAIN_CLASSES if cfg.MODEL.MASK_ON else None,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=(
                 cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
             ),
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        if cfg.MODEL.MASK_ON:
-            check_mask_supervision(
-                dataset,
-                mask_train_class_ids(cfg),
-                cfg.DATASETS.MASK_TRAIN_CLASSES,
-                MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes"),
-            )
         mapper = PartialMaskDatasetMapper(cfg, is_train=True)
         # Its workers survive a stop signal sent to every process of the run (graceful stops).
         return spare_loader_workers(
@@ -187,11 +177,7 @@ def main(args):
     register_coco_datasets(args.coco_dataset)
     cfg = setup(args)
     if args.eval_only:
-        # Nothing to save on a stop: Ctrl-C and a scheduler's SIGTERM end an evaluation at once.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.default_int_handler)
-        if stop_requested() is not None:
-            raise SystemExit(EXIT_INTERRUPTED)
+        evaluation_ends_on_signals()
         model = Trainer.build_model(cfg)
         MaskLabCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume

@@ -19,7 +19,6 @@ evaluation that has masks; without faster-coco-eval it is left out with a warnin
 import contextlib
 import io
 import itertools
-import logging
 from typing import Dict, List, Optional, Sequence
 
 from detectron2.evaluation import COCOEvaluator

@@ -25,7 +25,7 @@ Choices the paper leaves open (each a config key of MaskLabHead, see docs/heads.
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -20,7 +20,8 @@ whose heads spell out their ``input_shape``, a head keeps the shapes it was give
 """
 
 import contextlib
-from typing import Dict, Optional, Sequence
+from collections import abc
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from detectron2.config import LazyCall as L
@@ -39,7 +40,7 @@ from masklab_d2.modeling.backbone import HypercolumnFPN, HypercolumnResNet, buil
 from masklab_d2.modeling.blendmask_head import BlendMaskHead
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead, ResNetMaskHead
 from masklab_d2.modeling.masklab_head import MaskLabHead
-from masklab_d2.modeling.point_rend_head import point_rend_mask_head
+from masklab_d2.modeling.point_rend_head import PartialPointRendMaskHead
 from masklab_d2.modeling.poolers import CropAndResizePooler, DeformableCropAndResizePooler
 from masklab_d2.utils.detectron2 import require_point_rend
 
@@ -50,6 +51,7 @@ __all__ = [
     "hypercolumn_fpn",
     "hypercolumn_resnet",
     "partial_roi_heads",
+    "point_rend_mask_head",
     "use_blendmask_head",
     "use_deep_marc_head",
     "use_mask_rcnn_head",
@@ -156,23 +158,15 @@ def crop_and_resize_poolers(model):
     return model
 
 
-def deformable_box_pooler(
-    model,
-    *,
-    grid: int = 7,
-    gamma: float = 0.1,
-    hidden_dim: int = 256,
-    max_offset: float = 5.0,
-    lr_factor: float = 0.01,
-):
+def deformable_box_pooler(model, **kwargs):
     """Replaces the box pooler by MaskLab's deformable crop-and-resize pooler.
 
     Args:
         model: a LazyConfig GeneralizedRCNN node.
-        grid, gamma, hidden_dim, max_offset, lr_factor: see
-            :class:`~masklab_d2.modeling.poolers.DeformableCropAndResizePooler` (the
-            MODEL.ROI_BOX_HEAD.DEFORMABLE_* keys of docs/config_keys.md). ``lr_factor`` scales the
-            offset network's learning rate when masklab_d2's lazy trainer builds the optimizer.
+        kwargs: :class:`~masklab_d2.modeling.poolers.DeformableCropAndResizePooler`'s ``grid``,
+            ``gamma``, ``hidden_dim``, ``max_offset``, ``lr_factor`` (its defaults otherwise,
+            which are the MODEL.ROI_BOX_HEAD.DEFORMABLE_* keys'). ``lr_factor`` scales the offset
+            network's learning rate when masklab_d2's lazy trainer builds the optimizer.
 
     Returns:
         ``model``.
@@ -185,11 +179,7 @@ def deformable_box_pooler(
         output_size=roi_heads.box_pooler.output_size,
         scales=roi_heads.box_pooler.scales,
         in_channels=channels.pop(),
-        grid=grid,
-        gamma=gamma,
-        hidden_dim=hidden_dim,
-        max_offset=max_offset,
-        lr_factor=lr_factor,
+        **kwargs,
     )
     return model
 
@@ -323,11 +313,10 @@ def use_deep_marc_head(
     model,
     *,
     network: str = "hourglass52",
-    num_filters: int = 64,
-    norm: str = "BN",
     resolution: int = 32,
     cls_agnostic: bool = True,
     train_on_gt_boxes: bool = True,
+    **kwargs,
 ):
     """Deep-MARC's hourglass / ResNet mask head on pooled box features.
 
@@ -338,11 +327,11 @@ def use_deep_marc_head(
         model: a LazyConfig GeneralizedRCNN node.
         network: "hourglass10/20/32/52/100" (HourglassMaskHead) or "resnet4/8/12/16/20"
             (ResNetMaskHead).
-        num_filters: nc.
-        norm: "BN", "SyncBN", "GN" or "".
         resolution: the pooler's output size.
         cls_agnostic: one mask for all classes.
         train_on_gt_boxes: train the mask branch on ground-truth boxes.
+        kwargs: other :class:`~masklab_d2.modeling.deep_marc_head.DeepMaskHead` arguments
+            (``num_filters``, ``norm``, ``bn_momentum``; its defaults otherwise).
 
     Returns:
         ``model``.
@@ -354,8 +343,7 @@ def use_deep_marc_head(
         input_shape=_pooled_features_setup(model, resolution),
         network=network,
         num_classes=1 if cls_agnostic else "${..num_classes}",
-        num_filters=num_filters,
-        norm=norm,
+        **kwargs,
     )
     return model
 
@@ -401,9 +389,7 @@ def use_masklab_head(
     hypercolumn_features: Sequence[str] = ("conv1", "res2"),
     dense_in_features: Optional[Sequence[str]] = None,
     cls_agnostic: bool = False,
-    num_directions: int = 8,
-    num_distance_bins: int = 4,
-    distance_metric: str = "box",
+    binning: Optional[Dict[str, object]] = None,
     **kwargs,
 ):
     """MaskLab's head, trained on ground-truth boxes (as the paper), with what it reads.
@@ -420,9 +406,11 @@ def use_masklab_head(
         dense_in_features: maps the dense branch merges (default: the box branch's).
         cls_agnostic: crop one foreground semantic channel for every box instead of the box
             class's (MODEL.MASKLAB.SEMANTIC_INPUT "agnostic"; for unseen classes).
-        num_directions, num_distance_bins, distance_metric: the direction binning.
-        kwargs: other :class:`MaskLabHead` arguments (``crop_size``, ``dense_conv_dim``, ...).
-            Defaults are the YAML defaults (MODEL.MASKLAB.*).
+        binning: :class:`~masklab_d2.layers.masklab.DirectionBinning` arguments
+            (``num_directions``, ``num_distance_bins``, ``distance_metric``; its defaults
+            otherwise).
+        kwargs: other :class:`MaskLabHead` arguments (``crop_size``, ``dense_conv_dim``, ...);
+            its defaults otherwise, which are the YAML defaults (MODEL.MASKLAB.*).
 
     Returns:
         ``model``.
@@ -436,34 +424,69 @@ def use_masklab_head(
     partial_roi_heads(model, train_mask_on_gt_boxes=True)
     roi_heads.mask_in_features = pyramid + [f for f in hypercolumn_features if f not in pyramid]
     roi_heads.mask_pooler = None
-    head = dict(
+    roi_heads.mask_head = L(MaskLabHead)(
         input_shape=feature_shapes(model, roi_heads.mask_in_features),
         num_classes="${..num_classes}",
         dense_in_features=pyramid,
-        common_stride=4,
-        dense_conv_dim=128,
-        dense_norm="GN",
-        binning=L(DirectionBinning)(
-            num_directions=num_directions,
-            num_distance_bins=num_distance_bins,
-            distance_metric=distance_metric,
-        ),
-        use_semantic=True,
-        use_direction=True,
+        binning=L(DirectionBinning)(**(binning or {})),
         semantic_input="agnostic" if cls_agnostic else "class",
-        crop_size=41,
         hypercolumn_features=list(hypercolumn_features),
-        refine_num_convs=3,
-        refine_conv_dim=64,
-        refine_kernel_size=5,
-        coarse_loss_weight=1.0,
-        semantic_loss_weight=0.0,
-        direction_loss_weight=0.0,
-        direction_center="box",
+        **kwargs,
     )
-    head.update(kwargs)
-    roi_heads.mask_head = L(MaskLabHead)(**head)
     return model
+
+
+def _yacs_value(value):
+    """A LazyConfig value (OmegaConf lists and tuples included) as yacs merges it: lists."""
+    if isinstance(value, abc.Sequence) and not isinstance(value, str):
+        return [_yacs_value(v) for v in value]
+    return value
+
+
+def point_rend_mask_head(
+    input_shape: Dict[str, ShapeSpec],
+    *,
+    num_classes: int,
+    cls_agnostic: bool = False,
+    roi_mask_head: Optional[Mapping[str, object]] = None,
+    point_head: Optional[Mapping[str, object]] = None,
+) -> nn.Module:
+    """The PointRend head of the YAML keys of the same names, for LazyCall.
+
+    It merges the arguments into the YAML defaults (detectron2's, PointRend's, masklab_d2's) and
+    builds :class:`PartialPointRendMaskHead` from them, so both config systems make the same head
+    the same way.
+
+    Args:
+        input_shape: the maps the head reads, name -> ShapeSpec(channels, stride).
+        num_classes: ``MODEL.ROI_HEADS.NUM_CLASSES``.
+        cls_agnostic: ``MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK``.
+        roi_mask_head: ``MODEL.ROI_MASK_HEAD`` keys by lower-case name, e.g. ``in_features``,
+            ``conv_dim``, ``fc_dim``, ``num_fc``, ``output_side_resolution``,
+            ``pooler_resolution``, ``point_head_on``.
+        point_head: ``MODEL.POINT_HEAD`` keys by lower-case name, e.g. ``in_features``,
+            ``fc_dim``, ``num_fc``, ``train_num_points``, ``subdivision_steps``,
+            ``subdivision_num_points``.
+
+    Returns:
+        The head.
+    """
+    require_point_rend("masklab_d2's PointRend head")
+    cfg = get_cfg()
+    add_masklab_config(cfg)
+    options = [
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        num_classes,
+        "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK",
+        cls_agnostic,
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+        "",
+    ]
+    for prefix, keys in (("MODEL.ROI_MASK_HEAD", roi_mask_head), ("MODEL.POINT_HEAD", point_head)):
+        for name, value in (keys or {}).items():
+            options += [f"{prefix}.{name.upper()}", _yacs_value(value)]
+    cfg.merge_from_list(options)
+    return PartialPointRendMaskHead(cfg, input_shape)
 
 
 def use_point_rend_head(

@@ -31,7 +31,7 @@ NOTE: the head is built with POOLER_TYPE "" (it pools for itself), see configs/*
 """
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ from masklab_d2.layers.blender import (
     thing_semantic_target,
 )
 
+from .contract import MaskHeadContract
 from .roi_heads import instances_with_masks
 
 __all__ = ["BlendMaskHead", "semantic_targets"]
@@ -106,25 +107,25 @@ logger = logging.getLogger(__name__)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class BlendMaskHead(nn.Module):
+class BlendMaskHead(MaskHeadContract, nn.Module):
     """BlendMask's bottom module, attention network and blender as an ROI mask head.
 
     Called by :class:`~masklab_d2.modeling.PartialROIHeads` as ``head(features, instances)``
     (plus ``gt_instances`` in training, for the semantic loss). Masks are class-agnostic.
 
-    Attributes:
-        last_bases: detached [B, K, H/4, W/4] bases of the latest forward (for visualisation).
-        last_attentions: detached [N, K, M, M] attention logits of the latest forward's ROIs.
+    Records (:meth:`recording`): "bases" [B, K, H/4, W/4] and the ROIs' "attentions" logits
+    [N, K, M, M].
     """
 
     uses_image_targets = True  # set False on instances without the semantic loss
+    class_agnostic = True
 
     @configurable
     def __init__(
         self,
         input_shape: Dict[str, ShapeSpec],
         *,
-        bottom_in_features: List[str],
+        bottom_in_features: Sequence[str] = ("p3", "p4", "p5"),
         num_bases: int = 4,
         attn_size: int = 14,
         bottom_resolution: int = 56,
@@ -165,14 +166,18 @@ class BlendMaskHead(nn.Module):
         missing = [f for f in bottom_in_features if f not in input_shape]
         if missing:
             raise ValueError(
-                f"MODEL.BLENDMASK.BOTTOM_IN_FEATURES {missing} are not among the mask head's "
-                f"features {attn_in_features} (MODEL.ROI_MASK_HEAD.IN_FEATURES)"
+                f"bottom_in_features (MODEL.BLENDMASK.BOTTOM_IN_FEATURES) {missing} are not among "
+                f"input_shape's features {attn_in_features} (MODEL.ROI_MASK_HEAD.IN_FEATURES; "
+                "lazy: roi_heads.mask_in_features)"
             )
         if not bottom_in_features:
-            raise ValueError("MODEL.BLENDMASK.BOTTOM_IN_FEATURES is empty")
+            raise ValueError("bottom_in_features (MODEL.BLENDMASK.BOTTOM_IN_FEATURES) is empty")
         first_stride = input_shape[bottom_in_features[0]].stride
         if first_stride % 2:
-            raise ValueError(f"the first bottom level must have an even stride, got {first_stride}")
+            raise ValueError(
+                f"the first of bottom_in_features (MODEL.BLENDMASK.BOTTOM_IN_FEATURES) must have an "
+                f"even stride, got {first_stride}"
+            )
         channels = {input_shape[f].channels for f in attn_in_features}
         if len(channels) != 1:
             raise ValueError(f"the mask head's features must share a channel count, got {channels}")
@@ -213,8 +218,6 @@ class BlendMaskHead(nn.Module):
         else:
             self.seg_head = None
             self.uses_image_targets = False
-        self.last_bases: Optional[torch.Tensor] = None
-        self.last_attentions: Optional[torch.Tensor] = None
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -254,8 +257,7 @@ class BlendMaskHead(nn.Module):
         box_features = self.attn_pooler([features[f] for f in self.attn_in_features], boxes)
         attentions = self.attention(box_features)
         base_crops = self.bases_pooler([bases], boxes)
-        self.last_bases = bases.detach()
-        self.last_attentions = attentions.detach()
+        self.remember(bases=bases, attentions=attentions)
         return blend(base_crops, attentions, self.top_interp)[:, None]
 
     def forward(

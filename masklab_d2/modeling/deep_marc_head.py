@@ -32,10 +32,12 @@ from masklab_d2.layers.hourglass import (
     build_mask_network,
 )
 
+from .contract import MaskHeadContract
+
 __all__ = ["DeepMaskHead", "HourglassMaskHead", "ResNetMaskHead"]
 
 
-class DeepMaskHead(BaseMaskRCNNHead):
+class DeepMaskHead(MaskHeadContract, BaseMaskRCNNHead):
     """Pooled RoI features -> named mask network -> DeepMaskPredictor -> 2x-size mask logits.
 
     NOTE: this interface is experimental. Use the registered subclasses
@@ -80,8 +82,9 @@ class DeepMaskHead(BaseMaskRCNNHead):
         super().__init__(**kwargs)
         if not isinstance(input_shape, ShapeSpec) or not input_shape.channels:
             raise ValueError(
-                f"{type(self).__name__} works on pooled RoI features: set "
-                f"MODEL.ROI_MASK_HEAD.POOLER_TYPE (e.g. 'ROIAlignV2'); got input {input_shape!r}"
+                f"{type(self).__name__} works on pooled RoI features: input_shape must be their "
+                f"ShapeSpec (set MODEL.ROI_MASK_HEAD.POOLER_TYPE, e.g. 'ROIAlignV2'; lazy: a "
+                f"roi_heads.mask_pooler); got {input_shape!r}"
             )
         self.check_network(network)
         self.network = build_mask_network(
@@ -98,7 +101,8 @@ class DeepMaskHead(BaseMaskRCNNHead):
         """Raises ValueError unless ``network`` is one of ``cls.valid_networks``."""
         if network not in cls.valid_networks:
             raise ValueError(
-                f"{cls.__name__} takes MODEL.DEEP_MARC.NETWORK in {list(cls.valid_networks)}, "
+                f"{cls.__name__} takes network (MODEL.DEEP_MARC.NETWORK) in "
+                f"{list(cls.valid_networks)}, "
                 f"got {network!r} (hourglass* networks go with HourglassMaskHead, resnet* with "
                 "ResNetMaskHead)"
             )
@@ -134,6 +138,10 @@ class DeepMaskHead(BaseMaskRCNNHead):
             unused = sum(p.sum() for p in self.parameters()) * 0.0
             return x.new_zeros(0, self.num_classes, 2 * x.shape[2], 2 * x.shape[3]) + unused
         return self.predictor(self.network(x))
+
+    @property
+    def class_agnostic(self) -> bool:
+        return self.num_classes == 1
 
     def extra_repr(self) -> str:
         return f"network={self.network_name}, num_classes={self.num_classes}"

@@ -20,7 +20,7 @@ mask's go under ``coarse/``); optionally per-pixel semantic (``loss_semantic``) 
 supervision) are ignored, and classes without masks are left out of the semantic softmax.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +44,19 @@ from masklab_d2.layers.masklab import (
     select_semantic_classes,
 )
 
+from .contract import MaskHeadContract
+
 IGNORE = -1
 SEMANTIC_INPUTS = ("class", "agnostic")
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class MaskLabHead(nn.Module):
+class MaskLabHead(MaskHeadContract, nn.Module):
     """MaskLab's mask head (see the module docstring).
 
-    Attributes:
-        keep_intermediates: when True, every forward stores detached maps in ``intermediates``:
-            "semantic_logits" [N, K+1, h, w], "direction_logits" [N, D*B, h, w] and, per box,
-            "semantic_crop", "pooled_direction", "coarse", "refined" [R, 1, S, S].
+    Records (:meth:`recording`): "semantic_logits" [N, K+1, h, w], "direction_logits"
+    [N, D*B, h, w] and, per box, "semantic_crop", "pooled_direction", "coarse", "refined"
+    [R, 1, S, S] (those the configuration computes).
     """
 
     @configurable
@@ -64,26 +65,30 @@ class MaskLabHead(nn.Module):
         input_shape: Dict[str, ShapeSpec],
         *,
         num_classes: int,
-        dense_in_features: List[str],
-        common_stride: int,
-        dense_conv_dim: int,
-        dense_norm: str,
-        binning: DirectionBinning,
-        use_semantic: bool,
-        use_direction: bool,
+        dense_in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
+        common_stride: int = 4,
+        dense_conv_dim: int = 128,
+        dense_norm: str = "GN",
+        binning: Optional[DirectionBinning] = None,
+        use_semantic: bool = True,
+        use_direction: bool = True,
         semantic_input: str = "class",
         mask_class_ids: Optional[List[int]] = None,
-        crop_size: int,
-        hypercolumn_features: List[str],
-        refine_num_convs: int,
-        refine_conv_dim: int,
-        refine_kernel_size: int,
-        coarse_loss_weight: float,
-        semantic_loss_weight: float,
-        direction_loss_weight: float,
-        direction_center: str,
+        crop_size: int = 41,
+        hypercolumn_features: Sequence[str] = ("conv1", "res2"),
+        refine_num_convs: int = 3,
+        refine_conv_dim: int = 64,
+        refine_kernel_size: int = 5,
+        coarse_loss_weight: float = 1.0,
+        semantic_loss_weight: float = 0.0,
+        direction_loss_weight: float = 0.0,
+        direction_center: str = "box",
     ):
         """
+        The defaults are the paper's model (and the YAML defaults, MODEL.MASKLAB.*, taken from
+        here): FPN levels p2-p5 merged at stride 4, 8 directions x 4 distance bins, 41 x 41
+        crops, a refinement of three 5x5 convs of 64 on conv1 and res2.
+
         Args:
             input_shape: shapes of the feature maps the ROI heads pass in.
             num_classes: K.
@@ -91,7 +96,7 @@ class MaskLabHead(nn.Module):
             common_stride: stride of the dense logits.
             dense_conv_dim: merge-conv width (0: read the single map directly, the C4 variant).
             dense_norm: norm of the merge convs.
-            binning: the direction / distance binning.
+            binning: the direction / distance binning (None: DirectionBinning's defaults).
             use_semantic, use_direction: which crops feed the coarse mask.
             semantic_input: "class" (crop the channel of the box's class) or "agnostic" (one
                 foreground channel for every box).
@@ -107,23 +112,26 @@ class MaskLabHead(nn.Module):
         super().__init__()
         if semantic_input not in SEMANTIC_INPUTS:
             raise ValueError(
-                f"MODEL.MASKLAB.SEMANTIC_INPUT must be one of {SEMANTIC_INPUTS}, got "
-                f"{semantic_input!r}"
+                f"semantic_input (MODEL.MASKLAB.SEMANTIC_INPUT) must be one of {SEMANTIC_INPUTS}, "
+                f"got {semantic_input!r}"
             )
         missing = [
             f for f in list(dense_in_features) + list(hypercolumn_features) if f not in input_shape
         ]
         if missing:
             raise ValueError(
-                f"MaskLabHead needs features {missing}, but the ROI heads pass {sorted(input_shape)}: "
-                "add them to MODEL.ROI_MASK_HEAD.IN_FEATURES (and, for an FPN backbone, bottom-up "
-                "ones to MODEL.FPN.HYPERCOLUMN_FEATURES)"
+                f"MaskLabHead reads features {missing} (dense_in_features, hypercolumn_features: "
+                "MODEL.MASKLAB.DENSE_IN_FEATURES, HYPERCOLUMN_FEATURES) but input_shape has "
+                f"{sorted(input_shape)}: add them to the maps the ROI heads pass it "
+                "(MODEL.ROI_MASK_HEAD.IN_FEATURES; lazy: roi_heads.mask_in_features) and, for an "
+                "FPN backbone, bottom-up ones to MODEL.FPN.HYPERCOLUMN_FEATURES"
             )
         self.num_classes = num_classes
         self.semantic_input = semantic_input
         self.mask_class_ids = None if mask_class_ids is None else sorted(mask_class_ids)
         self.dense_in_features = list(dense_in_features)
         self.common_stride = common_stride
+        binning = DirectionBinning() if binning is None else binning
         self.binning = binning
         self.crop_size = crop_size
         self.hypercolumn_features = list(hypercolumn_features)
@@ -165,8 +173,11 @@ class MaskLabHead(nn.Module):
         self.register_buffer(
             "direction_template", binning.crop_template(crop_size), persistent=False
         )
-        self.keep_intermediates = False
-        self.intermediates: Dict[str, torch.Tensor] = {}
+
+    @property
+    def class_agnostic(self) -> bool:
+        """One semantic channel for every box: the mask does not depend on the box's class."""
+        return self.semantic_input == "agnostic"
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -254,17 +265,14 @@ class MaskLabHead(nn.Module):
             )
             refined = self.refinement(coarse, hypercolumn)
         masks = refined if refined is not None else coarse
-        if self.keep_intermediates:
-            maps = {
-                "semantic_logits": semantic_logits,
-                "direction_logits": direction_logits,
-                "semantic_crop": semantic_crop,
-                "pooled_direction": pooled_direction,
-                "coarse": coarse,
-                "refined": refined,
-            }
-            self.intermediates = {k: v.detach() for k, v in maps.items() if v is not None}
-
+        self.remember(
+            semantic_logits=semantic_logits,
+            direction_logits=direction_logits,
+            semantic_crop=semantic_crop,
+            pooled_direction=pooled_direction,
+            coarse=coarse,
+            refined=refined,
+        )
         if not self.training:
             mask_rcnn_inference(masks, instances)
             return instances

@@ -39,23 +39,24 @@ samples its point labels in. Head-only training (``MODEL.FREEZE_DETECTOR``) trai
 ``roi_heads.mask_head``, all of PointRend; it has no BatchNorm, so PreciseBN leaves it alone.
 """
 
+import contextlib
 from collections import abc
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 from torch import nn
 
-from masklab_d2.config import add_masklab_config
 from masklab_d2.utils.detectron2 import point_rend_available, require_point_rend
+
+from .contract import MaskHeadContract
 
 __all__ = [
     "PartialPointRendMaskHead",
     "PointRendMaskHead",
     "point_rend_head_config",
-    "point_rend_mask_head",
 ]
 
 if point_rend_available():
@@ -116,7 +117,7 @@ def point_rend_head_config(cfg: CfgNode, input_shape: Mapping[str, ShapeSpec]) -
 if PointRendMaskHead is not None:
 
     @ROI_MASK_HEAD_REGISTRY.register()
-    class PartialPointRendMaskHead(PointRendMaskHead):
+    class PartialPointRendMaskHead(MaskHeadContract, PointRendMaskHead):
         """detectron2's PointRendMaskHead with K mask classes from the project's keys and zero
         losses for a training batch without instances (module docstring). Layers, parameter
         names, losses, point sampling and inference are PointRendMaskHead's, unchanged.
@@ -127,6 +128,10 @@ if PointRendMaskHead is not None:
             point_head (StandardPointHead): [R, C', n] point features and [R, K, n] coarse
                 logits at the points -> [R, K, n] point logits.
             num_mask_classes (int): K.
+
+        Records (:meth:`recording`, at inference): "coarse" [R, K, S, S] logits and "steps", a
+        list of ([R, n, 2] points (box-normalised x, y), [R, K, n] point logits): the regular
+        grid of the first subdivision step, then the most uncertain points of each later one.
         """
 
         def __init__(self, cfg: CfgNode, input_shape: Dict[str, ShapeSpec]):
@@ -164,6 +169,31 @@ if PointRendMaskHead is not None:
                 return losses
             return super().forward(features, instances)
 
+        @property
+        def class_agnostic(self) -> bool:
+            return self.num_mask_classes == 1
+
+        @contextlib.contextmanager
+        def recording(self) -> Iterator[Dict[str, Any]]:
+            """MaskHeadContract.recording: every call of PointRendMaskHead's point-logit step
+            is recorded (class docstring) by wrapping the bound method on this instance only,
+            restored on leaving; layers and outputs are unchanged."""
+            point_logits = self._get_point_logits
+            steps = []
+
+            def recorded(fine_grained_features, point_coords, coarse_logits):
+                logits = point_logits(fine_grained_features, point_coords, coarse_logits)
+                steps.append((point_coords.detach().float().cpu(), logits.detach().float().cpu()))
+                self.remember(coarse=coarse_logits.float().cpu(), steps=steps)
+                return logits
+
+            with super().recording() as record:
+                self._get_point_logits = recorded
+                try:
+                    yield record
+                finally:
+                    del self._get_point_logits  # the class's method again
+
         def extra_repr(self) -> str:
             size = self.coarse_head.output_shape[-1]
             text = (
@@ -190,56 +220,3 @@ else:
         def __init__(self, *args, **kwargs):
             super().__init__()
             require_point_rend("MODEL.ROI_MASK_HEAD.NAME 'PartialPointRendMaskHead'")
-
-
-def _yacs_value(value):
-    """A LazyConfig value (OmegaConf lists and tuples included) as yacs merges it: lists."""
-    if isinstance(value, abc.Sequence) and not isinstance(value, str):
-        return [_yacs_value(v) for v in value]
-    return value
-
-
-def point_rend_mask_head(
-    input_shape: Dict[str, ShapeSpec],
-    *,
-    num_classes: int,
-    cls_agnostic: bool = False,
-    roi_mask_head: Optional[Mapping[str, object]] = None,
-    point_head: Optional[Mapping[str, object]] = None,
-) -> nn.Module:
-    """The PointRend head of the YAML keys of the same names, for LazyCall.
-
-    It merges the arguments into the YAML defaults (detectron2's, PointRend's, masklab_d2's) and
-    builds :class:`PartialPointRendMaskHead` from them, so both config systems make the same head
-    the same way.
-
-    Args:
-        input_shape: the maps the head reads, name -> ShapeSpec(channels, stride).
-        num_classes: ``MODEL.ROI_HEADS.NUM_CLASSES``.
-        cls_agnostic: ``MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK``.
-        roi_mask_head: ``MODEL.ROI_MASK_HEAD`` keys by lower-case name, e.g. ``in_features``,
-            ``conv_dim``, ``fc_dim``, ``num_fc``, ``output_side_resolution``,
-            ``pooler_resolution``, ``point_head_on``.
-        point_head: ``MODEL.POINT_HEAD`` keys by lower-case name, e.g. ``in_features``,
-            ``fc_dim``, ``num_fc``, ``train_num_points``, ``subdivision_steps``,
-            ``subdivision_num_points``.
-
-    Returns:
-        The head.
-    """
-    require_point_rend("masklab_d2's PointRend head")
-    cfg = get_cfg()
-    add_masklab_config(cfg)
-    options = [
-        "MODEL.ROI_HEADS.NUM_CLASSES",
-        num_classes,
-        "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK",
-        cls_agnostic,
-        "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
-        "",
-    ]
-    for prefix, keys in (("MODEL.ROI_MASK_HEAD", roi_mask_head), ("MODEL.POINT_HEAD", point_head)):
-        for name, value in (keys or {}).items():
-            options += [f"{prefix}.{name.upper()}", _yacs_value(value)]
-    cfg.merge_from_list(options)
-    return PartialPointRendMaskHead(cfg, input_shape)

@@ -77,13 +77,27 @@ class DeformableCropAndResizePooler(ROIPooler):
         output_size: int,
         scales: Sequence[float],
         in_channels: int,
-        grid: int,
+        grid: int = 7,
         gamma: float = 0.1,
         hidden_dim: int = 256,
         max_offset: float = 5.0,
-        lr_factor: float = 1.0,
+        lr_factor: float = 0.01,
         **kwargs,
     ):
+        """
+        Args:
+            output_size: R, the crops' size (a multiple of ``grid``).
+            scales: 1 / stride of each pyramid level.
+            in_channels: C of the pooled maps.
+            grid: G, sub-boxes per side (MODEL.ROI_BOX_HEAD.DEFORMABLE_GRID).
+            gamma: offset scale (DEFORMABLE_GAMMA).
+            hidden_dim: width of the offset MLP (DEFORMABLE_HIDDEN_DIM).
+            max_offset: smooth bound on each offset, box units before gamma
+                (DEFORMABLE_MAX_OFFSET).
+            lr_factor: learning-rate multiplier of the offset network (DEFORMABLE_LR_FACTOR;
+                Deformable ConvNets' 0.01).
+            kwargs: see detectron2's ROIPooler.
+        """
         super().__init__(output_size, scales, sampling_ratio=0, pooler_type="ROIAlignV2", **kwargs)
         self.offset_net = SubBoxOffsetNet(
             in_channels, output_size, grid, hidden_dim, max_offset, lr_factor

@@ -12,8 +12,9 @@ One ROI-heads class serves every mask head; what it adds, and nothing head-speci
 * ``MODEL.ROI_MASK_HEAD.MAX_TRAIN_ROIS_PER_IMAGE``: at most this many (randomly chosen) foreground
   proposals per image train the mask branch, bounding its cost (0: all);
 * poolers by name, including "CropAndResize" and "DeformableCropAndResize" (box branch);
-* mask heads that declare ``uses_image_targets = True`` also receive the image's ground truth
-  (all instances, ``gt_has_mask`` included) in training, for dense auxiliary losses.
+* mask heads that use image targets (:func:`~masklab_d2.modeling.contract.uses_image_targets`)
+  also receive the image's ground truth (all instances, ``gt_has_mask`` included) in training,
+  for dense auxiliary losses.
 """
 
 from typing import Dict, List, Optional
@@ -26,6 +27,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances
 
+from .contract import uses_image_targets
 from .poolers import build_roi_pooler
 
 
@@ -66,8 +68,9 @@ class PartialROIHeads(StandardROIHeads):
         super().__init__(**kwargs)
         if train_mask_on_gt_boxes and self.train_on_pred_boxes:
             raise ValueError(
-                "MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES and MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES "
-                "both choose the boxes the mask branch trains on; set only one"
+                "train_mask_on_gt_boxes (MODEL.ROI_MASK_HEAD.TRAIN_ON_GT_BOXES) and "
+                "train_on_pred_boxes (MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES) both choose the "
+                "boxes the mask branch trains on; set only one"
             )
         self.train_mask_on_gt_boxes = train_mask_on_gt_boxes
         self.max_mask_rois_per_image = max_mask_rois_per_image
@@ -158,7 +161,7 @@ class PartialROIHeads(StandardROIHeads):
         extra = {}
         if self.training:
             instances = self._mask_training_instances(instances, targets)
-            if getattr(self.mask_head, "uses_image_targets", False):
+            if uses_image_targets(self.mask_head):
                 extra["gt_instances"] = targets
         if self.mask_pooler is not None:
             boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]

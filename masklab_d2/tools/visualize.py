@@ -33,7 +33,6 @@ writes into the output folder:
 """
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -50,23 +49,20 @@ import cv2  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import detection_utils  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.modeling.postprocessing import detector_postprocess  # noqa: E402
-from detectron2.structures import Instances  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import masklab_d2.modeling  # noqa: E402,F401  (registers the heads, poolers, backbones)
 from masklab_d2.config import load_config  # noqa: E402
 from masklab_d2.data import register_coco_datasets  # noqa: E402  (and the shapes datasets)
+from masklab_d2.tools.visualize_heads import Prediction  # noqa: E402,F401  (public here too)
 from masklab_d2.tools.visualize_heads import (  # noqa: E402
     axes_grid,
     draw_blendmask,
     draw_deformable,
     draw_masklab,
     draw_point_rend,
-    point_rend_recording,
     save_figure,
 )
 
@@ -122,93 +118,6 @@ def load_images(
         )
         for r in records
     ]
-
-
-def _clone_instances(instances: Instances) -> Instances:
-    """detector_postprocess scales boxes in place: work on a copy."""
-    fields = {
-        k: (v.clone() if hasattr(v, "clone") else v) for k, v in instances.get_fields().items()
-    }
-    return Instances(instances.image_size, **fields)
-
-
-class Prediction:
-    """One image through the model, with everything the pictures need.
-
-    Attributes:
-        image: [H, W, 3] uint8 RGB original image.
-        input_size: (h, w) of the resized network input (boxes of ``raw`` live there).
-        raw: detections in input coordinates with ``pred_masks`` [R, 1, M, M] probabilities.
-        instances: detections in image coordinates with pasted masks (for the Visualizer).
-        order: indices of the detections scoring at least the confidence threshold, by
-            decreasing score (the only ones any picture draws).
-        features: the backbone's feature maps.
-        head: the mask head (its intermediates are from this image).
-        point_rend: what a PointRend head computed for this image (see
-            :func:`~masklab_d2.tools.visualize_heads.point_rend_recording`; empty for other heads).
-    """
-
-    def __init__(self, model, cfg, image: np.ndarray, confidence_threshold: float = 0.0):
-        height, width = image.shape[:2]
-        augmentation = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-        resized = augmentation.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
-        self.image = image[:, :, ::-1].copy() if cfg.INPUT.FORMAT == "BGR" else image.copy()
-        self.input_size = tuple(resized.shape[:2])
-        self.scale = (width / self.input_size[1], height / self.input_size[0])  # input -> image
-        self.head = getattr(model.roi_heads, "mask_head", None)
-        if self.head is not None and hasattr(self.head, "keep_intermediates"):
-            self.head.keep_intermediates = True
-        captured = {}
-        hook = model.backbone.register_forward_hook(
-            lambda module, inputs, outputs: captured.update(features=outputs)
-        )
-        try:
-            with torch.no_grad(), point_rend_recording(self.head) as self.point_rend:
-                self.raw = model.inference(
-                    [{"image": tensor, "height": height, "width": width}], do_postprocess=False
-                )[0]
-        finally:
-            hook.remove()
-        self.features = captured["features"]
-        self.raw = self.raw.to("cpu")
-        self.instances = detector_postprocess(_clone_instances(self.raw), height, width)
-        order = torch.argsort(self.raw.scores, descending=True).tolist()
-        self.order = [i for i in order if float(self.raw.scores[i]) >= confidence_threshold]
-
-    def image_box(self, index: int) -> np.ndarray:
-        """Detection ``index``'s box in image pixels."""
-        x1, y1, x2, y2 = self.raw.pred_boxes.tensor[index].tolist()
-        return np.array(
-            [x1 * self.scale[0], y1 * self.scale[1], x2 * self.scale[0], y2 * self.scale[1]]
-        )
-
-    def patch(self, index: int, size: int) -> np.ndarray:
-        """The image under detection ``index``'s box, resized to size x size (as its mask)."""
-        height, width = self.image.shape[:2]
-        x1, y1, x2, y2 = self.image_box(index)
-        x1, y1 = int(np.clip(math.floor(x1), 0, width - 1)), int(
-            np.clip(math.floor(y1), 0, height - 1)
-        )
-        x2, y2 = int(np.clip(math.ceil(x2), x1 + 1, width)), int(
-            np.clip(math.ceil(y2), y1 + 1, height)
-        )
-        return cv2.resize(self.image[y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_LINEAR)
-
-    def dense_extent(
-        self, map_size: Tuple[int, int], stride: int
-    ) -> Tuple[Tuple[int, int], Tuple[float, ...]]:
-        """The (rows, cols) of a stride-``stride`` map that cover the image (not the batch
-        padding), and their imshow extent in image pixels."""
-        rows = min(map_size[0], math.ceil(self.input_size[0] / stride))
-        cols = min(map_size[1], math.ceil(self.input_size[1] / stride))
-        extent = (0, cols * stride * self.scale[0], rows * stride * self.scale[1], 0)
-        return (rows, cols), extent
-
-    def title(self, index: int, class_names: Sequence[str]) -> str:
-        cls = int(self.raw.pred_classes[index])
-        name = class_names[cls] if cls < len(class_names) else str(cls)
-        return f"#{index} {name} {float(self.raw.scores[index]):.2f}"
 
 
 # --------------------------------------------------------------------------------- drawings

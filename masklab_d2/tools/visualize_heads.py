@@ -1,15 +1,16 @@
-"""The head-specific pictures of :mod:`masklab_d2.tools.visualize`: MaskLab's semantic and
-direction maps and crops, the deformable box pooler's shifted sub-boxes, BlendMask's bases and
-attentions, PointRend's coarse masks and subdivision points; and the figure helpers every picture
-uses.
+"""What :mod:`masklab_d2.tools.visualize` draws from: :class:`Prediction`, one image through the
+model with what its mask head recorded (:func:`masklab_d2.modeling.recording`); the head-specific
+pictures: MaskLab's semantic and direction maps and crops, the deformable box pooler's shifted
+sub-boxes, BlendMask's bases and attentions, PointRend's coarse masks and subdivision points; and
+the figure helpers every picture uses.
 
-Each ``draw_*`` takes a ``visualize.Prediction`` (the model's outputs and intermediates for one
-image) and returns the path it wrote, or None when the model has nothing of that kind.
+Each ``draw_*`` takes a :class:`Prediction` and returns the path it wrote, or None when the model
+has nothing of that kind.
 """
 
 import colorsys
-import contextlib
-from typing import TYPE_CHECKING, Dict, Iterator, Optional, Sequence, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -24,13 +25,100 @@ from masklab_d2.utils.detectron2 import require_detectron2  # noqa: E402
 
 require_detectron2("masklab_d2.tools.visualize")
 
-from detectron2.structures import Boxes  # noqa: E402
+import cv2  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.modeling.postprocessing import detector_postprocess  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
 
-from masklab_d2.modeling.point_rend_head import PointRendMaskHead  # noqa: E402
+from masklab_d2.modeling import class_agnostic, recording  # noqa: E402
 from masklab_d2.modeling.poolers import DeformableCropAndResizePooler  # noqa: E402
 
-if TYPE_CHECKING:  # the drawings only read a Prediction; visualize imports this module
-    from masklab_d2.tools.visualize import Prediction
+# ------------------------------------------------------------------------------ prediction
+
+
+def _clone_instances(instances: Instances) -> Instances:
+    """detector_postprocess scales boxes in place: work on a copy."""
+    fields = {
+        k: (v.clone() if hasattr(v, "clone") else v) for k, v in instances.get_fields().items()
+    }
+    return Instances(instances.image_size, **fields)
+
+
+class Prediction:
+    """One image through the model, with everything the pictures need.
+
+    Attributes:
+        image: [H, W, 3] uint8 RGB original image.
+        input_size: (h, w) of the resized network input (boxes of ``raw`` live there).
+        raw: detections in input coordinates with ``pred_masks`` [R, 1, M, M] probabilities.
+        instances: detections in image coordinates with pasted masks (for the Visualizer).
+        order: indices of the detections scoring at least the confidence threshold, by
+            decreasing score (the only ones any picture draws).
+        features: the backbone's feature maps.
+        head: the mask head.
+        recorded: what the head computed for this image besides its masks (its
+            :func:`~masklab_d2.modeling.recording`; empty for a head that records nothing).
+    """
+
+    def __init__(self, model, cfg, image: np.ndarray, confidence_threshold: float = 0.0):
+        height, width = image.shape[:2]
+        augmentation = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        resized = augmentation.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+        self.image = image[:, :, ::-1].copy() if cfg.INPUT.FORMAT == "BGR" else image.copy()
+        self.input_size = tuple(resized.shape[:2])
+        self.scale = (width / self.input_size[1], height / self.input_size[0])  # input -> image
+        self.head = getattr(model.roi_heads, "mask_head", None)
+        captured = {}
+        hook = model.backbone.register_forward_hook(
+            lambda module, inputs, outputs: captured.update(features=outputs)
+        )
+        try:
+            with torch.no_grad(), recording(self.head) as self.recorded:
+                self.raw = model.inference(
+                    [{"image": tensor, "height": height, "width": width}], do_postprocess=False
+                )[0]
+        finally:
+            hook.remove()
+        self.features = captured["features"]
+        self.raw = self.raw.to("cpu")
+        self.instances = detector_postprocess(_clone_instances(self.raw), height, width)
+        order = torch.argsort(self.raw.scores, descending=True).tolist()
+        self.order = [i for i in order if float(self.raw.scores[i]) >= confidence_threshold]
+
+    def image_box(self, index: int) -> np.ndarray:
+        """Detection ``index``'s box in image pixels."""
+        x1, y1, x2, y2 = self.raw.pred_boxes.tensor[index].tolist()
+        return np.array(
+            [x1 * self.scale[0], y1 * self.scale[1], x2 * self.scale[0], y2 * self.scale[1]]
+        )
+
+    def patch(self, index: int, size: int) -> np.ndarray:
+        """The image under detection ``index``'s box, resized to size x size (as its mask)."""
+        height, width = self.image.shape[:2]
+        x1, y1, x2, y2 = self.image_box(index)
+        x1, y1 = int(np.clip(math.floor(x1), 0, width - 1)), int(
+            np.clip(math.floor(y1), 0, height - 1)
+        )
+        x2, y2 = int(np.clip(math.ceil(x2), x1 + 1, width)), int(
+            np.clip(math.ceil(y2), y1 + 1, height)
+        )
+        return cv2.resize(self.image[y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_LINEAR)
+
+    def dense_extent(
+        self, map_size: Tuple[int, int], stride: int
+    ) -> Tuple[Tuple[int, int], Tuple[float, ...]]:
+        """The (rows, cols) of a stride-``stride`` map that cover the image (not the batch
+        padding), and their imshow extent in image pixels."""
+        rows = min(map_size[0], math.ceil(self.input_size[0] / stride))
+        cols = min(map_size[1], math.ceil(self.input_size[1] / stride))
+        extent = (0, cols * stride * self.scale[0], rows * stride * self.scale[1], 0)
+        return (rows, cols), extent
+
+    def title(self, index: int, class_names: Sequence[str]) -> str:
+        cls = int(self.raw.pred_classes[index])
+        name = class_names[cls] if cls < len(class_names) else str(cls)
+        return f"#{index} {name} {float(self.raw.scores[index]):.2f}"
 
 
 # ---------------------------------------------------------------------------- figure helpers
@@ -98,10 +186,10 @@ def _symmetric(ax, values: np.ndarray, title: str, **kwargs):
     ax.set_title(title, fontsize=8)
 
 
-def draw_masklab(prediction: "Prediction", class_names, path: str, top_k: int) -> Optional[str]:
+def draw_masklab(prediction: Prediction, class_names, path: str, top_k: int) -> Optional[str]:
     """MaskLab's semantic and direction maps and the top detections' crops (module docstring)."""
     head = prediction.head
-    maps = getattr(head, "intermediates", None) or {}
+    maps = prediction.recorded
     if "semantic_logits" not in maps and "direction_logits" not in maps:
         return None
     top = prediction.order[:top_k]
@@ -126,7 +214,7 @@ def draw_masklab(prediction: "Prediction", class_names, path: str, top_k: int) -
         cls = int(prediction.raw.pred_classes[top[0]]) if top else None
         # A class-agnostic semantic input (MODEL.MASKLAB.SEMANTIC_INPUT) has one foreground
         # channel and the background: there is no channel of the detection's class to show.
-        if getattr(head, "semantic_input", "class") != "class":
+        if class_agnostic(head):
             cls = None
         axes[0, 1].imshow(prediction.image)
         if cls is not None:
@@ -188,7 +276,7 @@ def draw_masklab(prediction: "Prediction", class_names, path: str, top_k: int) -
 
 
 def deformable_offsets(
-    model, prediction: "Prediction", indices: Sequence[int]
+    model, prediction: Prediction, indices: Sequence[int]
 ) -> Optional[Tuple[torch.Tensor, float]]:
     """([n, 2, G, G] offsets of detections ``indices``, gamma), or None when the box pooler is
     not deformable. The box pooler runs on the final boxes, so these are their offsets."""
@@ -243,7 +331,7 @@ def grid_colors(grid: int) -> np.ndarray:
 
 
 def draw_deformable(
-    model, prediction: "Prediction", class_names, path: str, top_k: int
+    model, prediction: Prediction, class_names, path: str, top_k: int
 ) -> Optional[str]:
     """The top detections' learned sub-boxes (module docstring)."""
     top = prediction.order[:top_k]
@@ -297,11 +385,11 @@ def draw_deformable(
     return save_figure(figure, path)
 
 
-def draw_blendmask(prediction: "Prediction", class_names, path: str, top_k: int) -> Optional[str]:
+def draw_blendmask(prediction: Prediction, class_names, path: str, top_k: int) -> Optional[str]:
     """BlendMask's bases and the top detections' attentions (module docstring)."""
     head = prediction.head
-    bases = getattr(head, "last_bases", None)
-    attentions = getattr(head, "last_attentions", None)
+    bases = prediction.recorded.get("bases")
+    attentions = prediction.recorded.get("attentions")
     if bases is None or attentions is None:
         return None
     bases = bases[0].float().cpu()
@@ -333,42 +421,7 @@ def draw_blendmask(prediction: "Prediction", class_names, path: str, top_k: int)
     return save_figure(figure, path)
 
 
-@contextlib.contextmanager
-def point_rend_recording(head) -> Iterator[Dict[str, object]]:
-    """Records what detectron2's PointRendMaskHead computes at inference, for the pictures.
-
-    While inside, every call of the head's point-logit step is recorded: the first gives the
-    coarse logits, and each call the [R, n, 2] points (box-normalised x, y) and their [R, K, n]
-    logits -- the regular grid of the first subdivision step, then the most uncertain points of
-    each later one. The head itself is unchanged: its bound method is wrapped on this instance
-    only, and restored on leaving. Other heads record nothing.
-
-    Yields:
-        {"coarse": [R, K, S, S] logits, "steps": [([R, n, 2] points, [R, K, n] logits), ...]},
-        filled by the head's calls (empty for a head that is not PointRend's).
-    """
-    record: Dict[str, object] = {}
-    if PointRendMaskHead is None or not isinstance(head, PointRendMaskHead):
-        yield record
-        return
-    steps = []
-    point_logits = head._get_point_logits
-
-    def recording(fine_grained_features, point_coords, coarse_logits):
-        logits = point_logits(fine_grained_features, point_coords, coarse_logits)
-        record["coarse"] = coarse_logits.detach().float().cpu()
-        steps.append((point_coords.detach().float().cpu(), logits.detach().float().cpu()))
-        return logits
-
-    head._get_point_logits = recording
-    record["steps"] = steps
-    try:
-        yield record
-    finally:
-        del head._get_point_logits  # the class's method again
-
-
-def draw_point_rend(prediction: "Prediction", class_names, path: str, top_k: int) -> Optional[str]:
+def draw_point_rend(prediction: Prediction, class_names, path: str, top_k: int) -> Optional[str]:
     """PointRend's coarse masks and where it re-predicted points, for the top detections.
 
     Per detection: its image patch, the coarse S x S mask, the point head's mask on the first
@@ -376,7 +429,7 @@ def draw_point_rend(prediction: "Prediction", class_names, path: str, top_k: int
     mask) at that step's resolution, and the final M x M mask. Probabilities of the detection's
     class channel (the only one when class-agnostic).
     """
-    record = getattr(prediction, "point_rend", None) or {}
+    record = prediction.recorded
     steps = record.get("steps") or []
     top = [i for i in prediction.order[:top_k] if "coarse" in record and i < len(record["coarse"])]
     if not steps or not top:

@@ -2,7 +2,9 @@
 
 Every key that ``add_masklab_config`` assigns (``_C.<KEY> = <default>``) is listed with its
 default as written and the comment lines directly above it; a ``# ---- Title ----`` comment
-starts a section. The source is parsed, not imported, so neither torch nor detectron2 is needed::
+starts a section. A default taken from a constructor (``default_of(Class, "argument")``) is read
+from that constructor's signature in its module. The sources are parsed, not imported, so neither
+torch nor detectron2 is needed::
 
     python3 -m masklab_d2.utils.config_reference --write   # rewrite docs/config_keys.md
     python3 -m masklab_d2.utils.config_reference --check   # exit 1 when it differs
@@ -70,6 +72,36 @@ def _cell(text: str, code: bool = False) -> str:
     return text if code else text.replace("*", "\\*").replace("<", "&lt;")
 
 
+def _constructor_default(source: str, call: ast.Call) -> Tuple[str, str]:
+    """(the default as written, "Class(argument)") of a ``default_of(Class, "argument")`` call,
+    read from the signature of ``Class.__init__`` in the module config.py imports it from;
+    a tuple default is shown as the list the config holds."""
+    name, argument = call.args[0].id, call.args[1].value
+    module = next(
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and name in [alias.name for alias in node.names]
+    )
+    with open(os.path.join(REPO, *module.split(".")) + ".py") as f:
+        module_source = f.read()
+    (init,) = [
+        item
+        for node in ast.walk(ast.parse(module_source))
+        if isinstance(node, ast.ClassDef) and node.name == name
+        for item in node.body
+        if isinstance(item, ast.FunctionDef) and item.name == "__init__"
+    ]
+    positional = init.args.posonlyargs + init.args.args
+    pairs = list(zip(positional[len(positional) - len(init.args.defaults) :], init.args.defaults))
+    pairs += [(a, d) for a, d in zip(init.args.kwonlyargs, init.args.kw_defaults) if d is not None]
+    (default,) = [d for a, d in pairs if a.arg == argument]
+    if isinstance(default, ast.Tuple):
+        text = "[" + ", ".join(ast.get_source_segment(module_source, e) for e in default.elts) + "]"
+    else:
+        text = ast.get_source_segment(module_source, default)
+    return text, f"{name}({argument})"
+
+
 def parse(source: str) -> List[Tuple[str, List[Key]]]:
     """The keys ``add_masklab_config`` assigns, by section, in source order.
 
@@ -99,8 +131,13 @@ def parse(source: str) -> List[Tuple[str, List[Key]]]:
             value = getattr(node, "value", None)
             is_node = isinstance(value, ast.Call) and getattr(value.func, "id", "") == "CN"
             if key and len(targets) == 1 and not is_node:
-                default = _one_line(ast.get_source_segment(source, value))
-                sections[-1][1].append((key, default, " ".join(comments)))
+                meaning = " ".join(comments)
+                if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "default_of":
+                    default, owner = _constructor_default(source, value)
+                    meaning += f" (The default of {owner}.)"
+                else:
+                    default = ast.get_source_segment(source, value)
+                sections[-1][1].append((key, _one_line(default), meaning))
             comments = []
             number = node.end_lineno
         elif SECTION.match(line):
