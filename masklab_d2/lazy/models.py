@@ -14,12 +14,11 @@ training), the mask pooler (or none, for heads that crop for themselves), the ma
 reads and, for MaskLab, the bottom-up features passed through the FPN.
 
 The shapes (channels, stride) of the maps a head reads are taken from the backbone itself when
-the function runs: it is built once with its parameters on the meta device (no memory, no
-weights, the random state untouched). Change the backbone before calling a head function; like detectron2's own configs,
+the function runs: it is built on the meta device (no memory, no weights, the random state
+untouched; nothing global is patched). Change the backbone before calling a head function; like detectron2's own configs,
 whose heads spell out their ``input_shape``, a head keeps the shapes it was given.
 """
 
-import contextlib
 from collections import abc
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -36,7 +35,7 @@ from torch import nn
 from masklab_d2.config import add_masklab_config
 from masklab_d2.layers.masklab import DirectionBinning
 from masklab_d2.modeling import PartialROIHeads
-from masklab_d2.modeling.backbone import HypercolumnFPN, HypercolumnResNet, build_hypercolumn_resnet
+from masklab_d2.modeling.backbone import HypercolumnFPN, HypercolumnResNet, hypercolumn_resnet
 from masklab_d2.modeling.blendmask_head import BlendMaskHead
 from masklab_d2.modeling.deep_marc_head import HourglassMaskHead, ResNetMaskHead
 from masklab_d2.modeling.masklab_head import MaskLabHead
@@ -66,25 +65,21 @@ def _target(node):
     return locate(target) if isinstance(target, str) else target
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Modules built inside keep their parameters on the meta device (no memory, no init cost).
+def _built_backbone(node):
+    """The backbone a LazyConfig node describes, built only to read its output shapes.
 
-    Only parameters move: constructors that compute with ordinary tensors (ViT's drop-path
-    rates call ``.item()``) work unchanged, which ``torch.device("meta")`` would break.
+    It is built on the meta device (``torch.device("meta")`` as a context: parameters without
+    memory or initialisation; nothing global is patched). A constructor that computes with
+    tensor values at build time (ViT's drop-path rates call ``.item()``) cannot run there; such a
+    backbone is built on the CPU instead. Either way under ``fork_rng``: the seeded
+    initialisation of the real model does not depend on this call.
     """
-    register_parameter = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register_parameter
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                return instantiate(node)
+        except (NotImplementedError, RuntimeError):  # a value read from a meta tensor
+            return instantiate(node)
 
 
 def feature_shapes(model, names: Optional[Sequence[str]] = None) -> Dict[str, ShapeSpec]:
@@ -100,9 +95,7 @@ def feature_shapes(model, names: Optional[Sequence[str]] = None) -> Dict[str, Sh
     Raises:
         ValueError: when the backbone has no output of one of ``names``.
     """
-    # fork_rng: the seeded initialisation of the real model must not depend on this call.
-    with torch.random.fork_rng(devices=[]), _parameters_on_meta():
-        shapes = instantiate(model.backbone).output_shape()
+    shapes = _built_backbone(model.backbone).output_shape()
     names = list(shapes) if names is None else list(names)
     missing = [f for f in names if f not in shapes]
     if missing:
@@ -182,50 +175,6 @@ def deformable_box_pooler(model, **kwargs):
         **kwargs,
     )
     return model
-
-
-def hypercolumn_resnet(
-    *,
-    depth: int,
-    out_features: Sequence[str],
-    norm: str = "FrozenBN",
-    stem_out_channels: int = 64,
-    res2_out_channels: Optional[int] = None,
-    stride_in_1x1: bool = True,
-    num_groups: int = 1,
-    width_per_group: int = 64,
-    res4_dilation: int = 1,
-    res5_dilation: int = 1,
-    res5_multi_grid: Sequence[int] = (),
-    freeze_at: int = 0,
-    in_channels: int = 3,
-) -> HypercolumnResNet:
-    """masklab_d2's ResNet from keyword arguments, for LazyCall: any width for R-18/34, atrous
-    res4 / res5 with multi-grid rates, and a "conv1" output (see
-    :mod:`masklab_d2.modeling.backbone`).
-
-    The same builder as the YAML backbones, so both config systems make the same network with
-    the same parameter names. Arguments are the MODEL.RESNETS keys of the same names
-    (``res2_out_channels`` defaults to 64 for R-18/34 and 256 otherwise, detectron2's widths),
-    and MODEL.BACKBONE.FREEZE_AT.
-    """
-    cfg = get_cfg()  # the YAML defaults the builder reads, then these arguments
-    add_masklab_config(cfg)
-    resnets = cfg.MODEL.RESNETS
-    # fmt: off
-    resnets.DEPTH             = depth
-    resnets.NORM              = norm
-    resnets.STEM_OUT_CHANNELS = stem_out_channels
-    resnets.RES2_OUT_CHANNELS = res2_out_channels or (64 if depth in (18, 34) else 256)
-    resnets.STRIDE_IN_1X1     = stride_in_1x1
-    resnets.NUM_GROUPS        = num_groups
-    resnets.WIDTH_PER_GROUP   = width_per_group
-    resnets.RES4_DILATION     = res4_dilation
-    resnets.RES5_DILATION     = res5_dilation
-    resnets.RES5_MULTI_GRID   = list(res5_multi_grid)
-    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
-    # fmt: on
-    return build_hypercolumn_resnet(cfg, ShapeSpec(channels=in_channels), list(out_features))
 
 
 def hypercolumn_fpn(model, features: Sequence[str] = ("conv1", "res2")):

@@ -14,7 +14,7 @@ or 2 only. These builders add what the mask-head experiments need, and nothing h
 With none of those options set, the networks (and their parameter names) are detectron2's.
 """
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
@@ -101,32 +101,42 @@ class HypercolumnResNet(ResNet):
         return outputs
 
 
-def _stage_dilations(cfg) -> List[List[int]]:
+_BLOCKS = {
+    18: [2, 2, 2, 2],
+    34: [3, 4, 6, 3],
+    50: [3, 4, 6, 3],
+    101: [3, 4, 23, 3],
+    152: [3, 8, 36, 3],
+}
+
+
+def _stage_dilations(
+    depth: int, res4_dilation: int, res5_dilation: int, res5_multi_grid: Sequence[int]
+) -> List[List[int]]:
     """Per-block dilation of res2..res5."""
-    depth = cfg.MODEL.RESNETS.DEPTH
-    blocks = {
-        18: [2, 2, 2, 2],
-        34: [3, 4, 6, 3],
-        50: [3, 4, 6, 3],
-        101: [3, 4, 23, 3],
-        152: [3, 8, 36, 3],
-    }
-    if depth not in blocks:
-        raise ValueError(f"MODEL.RESNETS.DEPTH must be one of {sorted(blocks)}, got {depth}")
-    num_blocks = blocks[depth]
-    res4_dilation = cfg.MODEL.RESNETS.RES4_DILATION
-    res5_dilation = cfg.MODEL.RESNETS.RES5_DILATION
-    multi_grid = list(cfg.MODEL.RESNETS.RES5_MULTI_GRID) or [1] * num_blocks[3]
+    if depth not in _BLOCKS:
+        raise ValueError(
+            f"depth (MODEL.RESNETS.DEPTH) must be one of {sorted(_BLOCKS)}, got {depth}"
+        )
+    num_blocks = _BLOCKS[depth]
+    multi_grid = list(res5_multi_grid) or [1] * num_blocks[3]
     if res4_dilation not in (1, 2):
-        raise ValueError(f"MODEL.RESNETS.RES4_DILATION must be 1 or 2, got {res4_dilation}")
+        raise ValueError(
+            f"res4_dilation (MODEL.RESNETS.RES4_DILATION) must be 1 or 2, got {res4_dilation}"
+        )
     if res5_dilation not in (1, 2, 4):
-        raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1, 2 or 4, got {res5_dilation}")
+        raise ValueError(
+            f"res5_dilation (MODEL.RESNETS.RES5_DILATION) must be 1, 2 or 4, got {res5_dilation}"
+        )
     if res4_dilation == 2 and res5_dilation == 1:
-        raise ValueError("RES4_DILATION=2 needs RES5_DILATION>=2: res5 cannot downsample after it")
+        raise ValueError(
+            "res4_dilation 2 (MODEL.RESNETS.RES4_DILATION) needs res5_dilation >= 2 "
+            "(RES5_DILATION): res5 cannot downsample after it"
+        )
     if len(multi_grid) != num_blocks[3]:
         raise ValueError(
-            f"MODEL.RESNETS.RES5_MULTI_GRID needs one rate per res5 block ({num_blocks[3]} for "
-            f"R-{depth}), got {multi_grid}"
+            f"res5_multi_grid (MODEL.RESNETS.RES5_MULTI_GRID) needs one rate per res5 block "
+            f"({num_blocks[3]} for R-{depth}), got {multi_grid}"
         )
     return [
         [1] * num_blocks[0],
@@ -136,58 +146,127 @@ def _stage_dilations(cfg) -> List[List[int]]:
     ]
 
 
-def build_resnet_stage(cfg, stage_index: int, dilations: Sequence[int], first_stride: int):
-    """Blocks of stage res{stage_index + 2} with the widths of cfg.MODEL.RESNETS.
+def resnet_stage(
+    stage_index: int,
+    dilations: Sequence[int],
+    first_stride: int,
+    *,
+    depth: int,
+    norm: str = "FrozenBN",
+    stem_out_channels: int = 64,
+    res2_out_channels: Optional[int] = None,
+    stride_in_1x1: bool = True,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+):
+    """Blocks of stage res{stage_index + 2}, one per entry of ``dilations``.
 
     Shared by the backbones and by :class:`~masklab_d2.modeling.box_heads.Res5BoxHead`, whose
-    box classifier is a duplicate of res5.
+    box classifier is a duplicate of res5. Arguments are the MODEL.RESNETS keys of the same
+    names; ``res2_out_channels`` defaults to detectron2's widths (64 for R-18/34, else 256).
     """
-    # fmt: off
-    norm            = cfg.MODEL.RESNETS.NORM
-    depth           = cfg.MODEL.RESNETS.DEPTH
-    num_groups      = cfg.MODEL.RESNETS.NUM_GROUPS
-    width_per_group = cfg.MODEL.RESNETS.WIDTH_PER_GROUP
-    stem_channels   = cfg.MODEL.RESNETS.STEM_OUT_CHANNELS
-    res2_channels   = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
-    # fmt: on
-    out_channels = res2_channels * 2**stage_index
+    res2_out_channels = res2_out_channels or (64 if depth in (18, 34) else 256)
+    out_channels = res2_out_channels * 2**stage_index
     kwargs = {
         "num_blocks": len(dilations),
         "stride_per_block": [first_stride] + [1] * (len(dilations) - 1),
         "dilation_per_block": list(dilations),
-        "in_channels": stem_channels if stage_index == 0 else out_channels // 2,
+        "in_channels": stem_out_channels if stage_index == 0 else out_channels // 2,
         "out_channels": out_channels,
         "norm": norm,
     }
     if depth in (18, 34):
         if num_groups != 1:
-            raise ValueError("R-18/34 use basic blocks: MODEL.RESNETS.NUM_GROUPS must be 1")
+            raise ValueError(
+                "R-18/34 use basic blocks: num_groups (MODEL.RESNETS.NUM_GROUPS) must be 1"
+            )
         kwargs["block_class"] = DilatedBasicBlock
     else:
         kwargs.update(
             block_class=BottleneckBlock,
             bottleneck_channels=num_groups * width_per_group * 2**stage_index,
-            stride_in_1x1=cfg.MODEL.RESNETS.STRIDE_IN_1X1,
+            stride_in_1x1=stride_in_1x1,
             num_groups=num_groups,
         )
     return ResNet.make_stage(**kwargs)
 
 
+def _resnet_widths(cfg) -> Dict[str, object]:
+    """The :func:`resnet_stage` arguments of cfg.MODEL.RESNETS."""
+    resnets = cfg.MODEL.RESNETS
+    # fmt: off
+    return {
+        "depth":             resnets.DEPTH,
+        "norm":              resnets.NORM,
+        "stem_out_channels": resnets.STEM_OUT_CHANNELS,
+        "res2_out_channels": resnets.RES2_OUT_CHANNELS,
+        "stride_in_1x1":     resnets.STRIDE_IN_1X1,
+        "num_groups":        resnets.NUM_GROUPS,
+        "width_per_group":   resnets.WIDTH_PER_GROUP,
+    }
+    # fmt: on
+
+
+def build_resnet_stage(cfg, stage_index: int, dilations: Sequence[int], first_stride: int):
+    """:func:`resnet_stage` with the widths of cfg.MODEL.RESNETS."""
+    return resnet_stage(stage_index, dilations, first_stride, **_resnet_widths(cfg))
+
+
+def hypercolumn_resnet(
+    *,
+    depth: int,
+    out_features: Sequence[str],
+    norm: str = "FrozenBN",
+    stem_out_channels: int = 64,
+    res2_out_channels: Optional[int] = None,
+    stride_in_1x1: bool = True,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+    res4_dilation: int = 1,
+    res5_dilation: int = 1,
+    res5_multi_grid: Sequence[int] = (),
+    freeze_at: int = 0,
+    in_channels: int = 3,
+) -> "HypercolumnResNet":
+    """masklab_d2's ResNet: any width for R-18/34, atrous res4 / res5 with multi-grid rates, and
+    a "conv1" output (module docstring); for LazyCall, and behind the YAML builders.
+
+    Arguments are the MODEL.RESNETS keys of the same names (``res2_out_channels`` defaults to
+    64 for R-18/34 and 256 otherwise, detectron2's widths) and MODEL.BACKBONE.FREEZE_AT.
+    """
+    widths = dict(
+        depth=depth,
+        norm=norm,
+        stem_out_channels=stem_out_channels,
+        res2_out_channels=res2_out_channels,
+        stride_in_1x1=stride_in_1x1,
+        num_groups=num_groups,
+        width_per_group=width_per_group,
+    )
+    dilations = _stage_dilations(depth, res4_dilation, res5_dilation, res5_multi_grid)
+    stem = BasicStem(in_channels=in_channels, out_channels=stem_out_channels, norm=norm)
+    stages = []
+    for index, stage_dilations in enumerate(dilations):
+        # A dilated stage keeps the resolution of the previous one instead of downsampling.
+        first_stride = 1 if index == 0 or stage_dilations[0] > 1 else 2
+        stages.append(resnet_stage(index, stage_dilations, first_stride, **widths))
+    return HypercolumnResNet(stem, stages, out_features, freeze_at=freeze_at)
+
+
 def build_hypercolumn_resnet(cfg, input_shape: ShapeSpec, out_features: Sequence[str]):
-    """A :class:`HypercolumnResNet` from cfg.MODEL.RESNETS (see the module docstring)."""
+    """:func:`hypercolumn_resnet` from cfg.MODEL.RESNETS and MODEL.BACKBONE.FREEZE_AT."""
     if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
         raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported by this backbone")
-    stem = BasicStem(
+    resnets = cfg.MODEL.RESNETS
+    return hypercolumn_resnet(
+        out_features=out_features,
+        res4_dilation=resnets.RES4_DILATION,
+        res5_dilation=resnets.RES5_DILATION,
+        res5_multi_grid=resnets.RES5_MULTI_GRID,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         in_channels=input_shape.channels,
-        out_channels=cfg.MODEL.RESNETS.STEM_OUT_CHANNELS,
-        norm=cfg.MODEL.RESNETS.NORM,
+        **_resnet_widths(cfg),
     )
-    stages = []
-    for index, dilations in enumerate(_stage_dilations(cfg)):
-        # A dilated stage keeps the resolution of the previous one instead of downsampling.
-        first_stride = 1 if index == 0 or dilations[0] > 1 else 2
-        stages.append(build_resnet_stage(cfg, index, dilations, first_stride))
-    return HypercolumnResNet(stem, stages, out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 @BACKBONE_REGISTRY.register()

@@ -28,17 +28,15 @@ from masklab_d2.tools.sweeps.state import (
     DONE,
     FAILED,
     INTERRUPTED,
-    LOG_TAIL_LINES,
     PENDING,
     QUEUED,
     RUNNING,
     STALE,
     STATUS_FILE,
     has_checkpoint,
-    read_json,
+    record_failure,
     run_state,
     stale_reason,
-    write_json_atomic,
 )
 
 
@@ -182,22 +180,7 @@ def _collect(task: RunTask, handle: Any) -> None:
     try:
         handle.result()
     except Exception as error:  # noqa: BLE001  (one broken job must not stop the sweep)
-        status_path = os.path.join(task.output_dir, STATUS_FILE)
-        status = read_json(status_path) or {"name": task.name}
-        if status.get("state") in (None, QUEUED, RUNNING):
-            os.makedirs(task.output_dir, exist_ok=True)
-            now = time.time()
-            if status.get("state") != RUNNING:
-                status["started"] = now  # it never started: it failed now, in this sweep
-            status.update(
-                state=FAILED,
-                returncode=None,
-                error=f"{type(error).__name__}: {error}",
-                ended=now,
-                heartbeat=now,
-                log_tail=str(error).splitlines()[-LOG_TAIL_LINES:],
-            )
-            write_json_atomic(status_path, status)
+        record_failure(task.output_dir, task.name, error)
 
 
 def print_dry_run(

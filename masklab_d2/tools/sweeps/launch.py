@@ -19,7 +19,6 @@ import queue
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -38,19 +37,15 @@ from masklab_d2.tools.sweeps.spec import (
     train_args,
 )
 from masklab_d2.tools.sweeps.state import (
-    DONE,
-    FAILED,
     HEARTBEAT_S,
     INTERRUPTED,
     RUN_LOG_FILE,
-    RUNNING,
-    STATUS_FILE,
     has_checkpoint,
-    is_finished,
-    log_tail,
+    Heartbeat,
+    beat,
+    finish_attempt,
     mark_queued,
-    read_json,
-    write_json_atomic,
+    start_attempt,
 )
 from masklab_d2.utils import stop_signals
 from masklab_d2.utils.stop_signals import EXIT_INTERRUPTED
@@ -102,56 +97,24 @@ def make_task(spec: SweepSpec, run: Run, env: Optional[Dict[str, str]] = None) -
 
 
 def start_status(task: RunTask, resume: bool, job_id: Optional[str] = None) -> Dict[str, Any]:
-    """Writes the "running" status of an attempt (with the fingerprint it runs) and returns it."""
-    os.makedirs(task.output_dir, exist_ok=True)
-    previous = read_json(os.path.join(task.output_dir, STATUS_FILE)) or {}
-    started = time.time()
-    status = {
-        "name": task.name,
-        "state": RUNNING,
-        "command": shlex.join(task.command(resume)),
-        "resumed": resume,
-        "attempt": int(previous.get("attempt", 0)) + 1,
-        "started": started,
-        "heartbeat": started,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "job_id": job_id,
-        "fingerprint": task.fingerprint,
-        "previous_duration_s": float(previous.get("total_duration_s", 0.0)),
-    }
-    write_json_atomic(os.path.join(task.output_dir, STATUS_FILE), status)
-    return status
+    """The "running" status of an attempt of ``task`` (:func:`state.start_attempt`)."""
+    return start_attempt(
+        task.output_dir,
+        task.name,
+        shlex.join(task.command(resume)),
+        resume,
+        task.fingerprint,
+        job_id,
+    )
 
 
 def finish_status(
     task: RunTask, status: Dict[str, Any], returncode: int, stopped: bool = False
 ) -> Dict[str, Any]:
-    """Records how an attempt ended.
-
-    DONE: exit 0 with the final evaluation; INTERRUPTED: a graceful stop (exit 75), a death by
-    a signal, or a stop by the sweep (``stopped``): resumable, not broken; FAILED otherwise.
-    """
-    ended = time.time()
-    if returncode == 0 and is_finished(task.output_dir):
-        state = DONE
-    elif returncode == EXIT_INTERRUPTED or returncode < 0 or stopped:
-        state = INTERRUPTED
-    else:
-        state = FAILED
-    status.update(
-        state=state,
-        returncode=returncode,
-        ended=ended,
-        duration_s=ended - status["started"],
-        total_duration_s=status.pop("previous_duration_s", 0.0) + ended - status["started"],
-        heartbeat=ended,
-        log_tail=log_tail(_log_file(task.output_dir)),
+    """How an attempt of ``task`` ended (:func:`state.finish_attempt`)."""
+    return finish_attempt(
+        task.output_dir, status, returncode, _log_file(task.output_dir), stopped=stopped
     )
-    if returncode == 0 and state == FAILED:
-        status["error"] = "exited 0 without model_final.pth and a final evaluation"
-    write_json_atomic(os.path.join(task.output_dir, STATUS_FILE), status)
-    return status
 
 
 def _log_file(output_dir: str) -> str:
@@ -184,7 +147,6 @@ def execute_run(task: RunTask, extra_env: Optional[Dict[str, str]] = None) -> Di
     """
     resume = has_checkpoint(task.output_dir)
     status = start_status(task, resume)
-    status_path = os.path.join(task.output_dir, STATUS_FILE)
     env = {**os.environ, **task.env, **(extra_env or {})}
     process = None
     with open(os.path.join(task.output_dir, RUN_LOG_FILE), "a") as log:
@@ -212,8 +174,7 @@ def execute_run(task: RunTask, extra_env: Optional[Dict[str, str]] = None) -> Di
                         process.wait(timeout=HEARTBEAT_S)
                         break
                     except subprocess.TimeoutExpired:
-                        status["heartbeat"] = time.time()
-                        write_json_atomic(status_path, status)
+                        beat(task.output_dir, status)
             finally:
                 with _ACTIVE_LOCK:
                     _ACTIVE.pop(task.name, None)
@@ -384,7 +345,7 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     # Records stop signals; submitit's handlers stay as the previous ones, called below.
     stop_signals.install_signal_handlers()
     returncode = 0
-    heartbeat = _Heartbeat(task, status) if main_task else None
+    heartbeat = Heartbeat(task.output_dir, status) if main_task else None
     try:
         if distributed.world_size > 1:
             _init_distributed(distributed.local_world_size)
@@ -416,27 +377,6 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
             heartbeat.stop()
             finish_status(task, status, returncode)
     return status
-
-
-class _Heartbeat:
-    """Refreshes the status file's heartbeat from a thread while the job trains in the main
-    one, so that a rerun of the sweep (and its progress) sees the run alive."""
-
-    def __init__(self, task: RunTask, status: Dict[str, Any]):
-        self.path = os.path.join(task.output_dir, STATUS_FILE)
-        self.status = status
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="sweep-heartbeat", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.wait(HEARTBEAT_S):
-            write_json_atomic(self.path, dict(self.status, heartbeat=time.time()))
-
-    def stop(self) -> None:
-        """Stops it before the final status is written (which it must not overwrite)."""
-        self.done.set()
-        self.thread.join()
 
 
 try:

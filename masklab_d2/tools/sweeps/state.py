@@ -1,4 +1,7 @@
-"""What a run folder says about its run: done, interrupted, failed, stale, queued or running.
+"""What a run folder says about its run: done, interrupted, failed, stale, queued or running;
+and the one owner of its status file (``sweep_run.json``): every write goes through
+:func:`start_attempt`, :class:`Heartbeat`, :func:`finish_attempt`, :func:`record_failure` and
+:func:`mark_queued`.
 
 A run is **done** when its folder has ``model_final.pth`` and the final evaluation, and its
 status file (``sweep_run.json``) records the fingerprint of what it ran (the merged config's hash,
@@ -11,11 +14,14 @@ recorded fingerprint differs, or that has none, is **stale**: it is reported and
 import json
 import os
 import re
+import socket
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
+
+from masklab_d2.utils.stop_signals import EXIT_INTERRUPTED
 
 # Run states.
 DONE, RUNNING, FAILED, INTERRUPTED, PENDING = "done", "running", "failed", "interrupted", "pending"
@@ -235,4 +241,116 @@ def mark_queued(
     if float(status.get("started", 0)) >= submitted:
         return
     status.update(state=QUEUED, job_id=job_id, submitted=submitted, submitit_folder=folder)
-    write_json_atomic(path, status)
+    _write_status(output_dir, status)
+
+
+def _write_status(output_dir: str, status: Dict[str, Any]) -> None:
+    write_json_atomic(os.path.join(output_dir, STATUS_FILE), status)
+
+
+def start_attempt(
+    output_dir: str,
+    name: str,
+    command: str,
+    resumed: bool,
+    fingerprint: Optional[Dict[str, str]],
+    job_id: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Writes the "running" status of an attempt (with the fingerprint it runs) and returns it."""
+    os.makedirs(output_dir, exist_ok=True)
+    previous = read_status(output_dir)
+    started = time.time()
+    status = {
+        "name": name,
+        "state": RUNNING,
+        "command": command,
+        "resumed": resumed,
+        "attempt": int(previous.get("attempt", 0)) + 1,
+        "started": started,
+        "heartbeat": started,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job_id": job_id,
+        "fingerprint": fingerprint,
+        "previous_duration_s": float(previous.get("total_duration_s", 0.0)),
+    }
+    _write_status(output_dir, status)
+    return status
+
+
+def beat(output_dir: str, status: Dict[str, Any]) -> None:
+    """Refreshes a running attempt's heartbeat (a rerun of the sweep then sees it alive)."""
+    status["heartbeat"] = time.time()
+    _write_status(output_dir, status)
+
+
+class Heartbeat:
+    """Refreshes the status file's heartbeat from a thread while the job trains in the main
+    one, so that a rerun of the sweep (and its progress) sees the run alive."""
+
+    def __init__(self, output_dir: str, status: Dict[str, Any]):
+        self.output_dir = output_dir
+        self.status = status
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sweep-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(HEARTBEAT_S):
+            _write_status(self.output_dir, dict(self.status, heartbeat=time.time()))
+
+    def stop(self) -> None:
+        """Stops it before the final status is written (which it must not overwrite)."""
+        self.done.set()
+        self.thread.join()
+
+
+def finish_attempt(
+    output_dir: str, status: Dict[str, Any], returncode: int, log_path: str, stopped: bool = False
+) -> Dict[str, Any]:
+    """Records how an attempt ended.
+
+    DONE: exit 0 with the final evaluation; INTERRUPTED: a graceful stop (exit 75), a death by
+    a signal, or a stop by the sweep (``stopped``): resumable, not broken; FAILED otherwise.
+    """
+    ended = time.time()
+    if returncode == 0 and is_finished(output_dir):
+        state = DONE
+    elif returncode == EXIT_INTERRUPTED or returncode < 0 or stopped:
+        state = INTERRUPTED
+    else:
+        state = FAILED
+    status.update(
+        state=state,
+        returncode=returncode,
+        ended=ended,
+        duration_s=ended - status["started"],
+        total_duration_s=status.pop("previous_duration_s", 0.0) + ended - status["started"],
+        heartbeat=ended,
+        log_tail=log_tail(log_path),
+    )
+    if returncode == 0 and state == FAILED:
+        status["error"] = "exited 0 without model_final.pth and a final evaluation"
+    _write_status(output_dir, status)
+    return status
+
+
+def record_failure(output_dir: str, name: str, error: BaseException) -> None:
+    """A job that died outside its attempt's own bookkeeping (never started, or killed before
+    it could record its end) is recorded as failed; a finished record is left alone."""
+    status = read_status(output_dir) or {"name": name}
+    if status.get("state") not in (None, QUEUED, RUNNING):
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    now = time.time()
+    if status.get("state") != RUNNING:
+        status["started"] = now  # it never started: it failed now, in this sweep
+    status.update(
+        state=FAILED,
+        returncode=None,
+        error=f"{type(error).__name__}: {error}",
+        ended=now,
+        heartbeat=now,
+        log_tail=str(error).splitlines()[-LOG_TAIL_LINES:],
+    )
+    _write_status(output_dir, status)
