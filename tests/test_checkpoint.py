@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import HAS_DETECTRON2
+from helpers import CONFIGS  # noqa: E402
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 COCO_CONFIGS = sorted(
     p
     for folder in ("coco", "coco-voc-nonvoc")

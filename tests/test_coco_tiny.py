@@ -27,7 +27,7 @@ import pycocotools.mask as mask_util  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.structures import BitMasks, Boxes, BoxMode, Instances  # noqa: E402
+from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 

@@ -15,12 +15,12 @@ from detectron2.modeling.roi_heads import (  # noqa: E402
     ROI_BOX_HEAD_REGISTRY,
     ROI_MASK_HEAD_REGISTRY,
 )
+from helpers import REPO  # noqa: E402
 
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
 from masklab_d2.config import POINT_REND_KEYS, add_masklab_config  # noqa: E402
 from masklab_d2.utils.detectron2 import point_rend_available  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
 

@@ -141,7 +141,9 @@ def test_mismatched_network_and_missing_pooler_raise():
     shape = ShapeSpec(channels=64, height=16, width=16)
     cfg = head_cfg("resnet8")
     cfg.MODEL.ROI_MASK_HEAD.NAME = "HourglassMaskHead"
-    with pytest.raises(ValueError, match=r"HourglassMaskHead takes network \(MODEL.DEEP_MARC.NETWORK\)") as err:
+    with pytest.raises(
+        ValueError, match=r"HourglassMaskHead takes network \(MODEL.DEEP_MARC.NETWORK\)"
+    ) as err:
         build_mask_head(cfg, shape)
     assert all(name in str(err.value) for name in HOURGLASS_VARIANTS) and "resnet8" in str(
         err.value

@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
+from helpers import REPO  # noqa: E402
 
 from masklab_d2.tools import gpu_check
 from masklab_d2.tools.gpu_check import Context, Outcome, Step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="gpu_check would run for real")
 
 

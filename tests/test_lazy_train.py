@@ -15,12 +15,11 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (see READM
 import torch  # noqa: E402
 from detectron2.config import LazyCall as L  # noqa: E402
 from detectron2.config import LazyConfig  # noqa: E402
-from helpers import run_python  # noqa: E402
+from helpers import REPO, run_python  # noqa: E402
 
 from masklab_d2.engine.lazy_train import do_train, resolve_device  # noqa: E402
 from masklab_d2.utils.detectron2 import point_rend_available  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY = os.path.join(REPO, "configs", "lazy")
 PARTIAL = sorted(glob.glob(os.path.join(LAZY, "shapes-partial", "*.py")))
 # The tiny shapes splits at 128 px, 2 images a batch, on the CPU, seeded. Five detections per

@@ -11,9 +11,10 @@ import torch
 pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
+from helpers import REPO  # noqa: E402
+
 from masklab_d2.config import load_config  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
 
 

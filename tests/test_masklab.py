@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import CONFIGS  # noqa: E402
 
 from masklab_d2.layers import crop_and_resize
 from masklab_d2.layers.crop_and_resize import lattice_rois
@@ -15,8 +16,6 @@ from masklab_d2.layers.masklab import (
     dense_targets,
     direction_pool,
 )
-
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _disc(size, cx, cy, radius):

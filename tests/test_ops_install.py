@@ -8,8 +8,7 @@ import os
 import sys
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,16 @@ import textwrap
 import time
 
 import pytest
+from helpers import REPO  # noqa: E402
 from PIL import Image
 
 from masklab_d2.tools.sweeps import cli as sweep_tool
 from masklab_d2.tools.sweeps import launch, state
 from masklab_d2.tools.sweeps.cli import plan
+from masklab_d2.tools.sweeps.commands import train_command
 from masklab_d2.tools.sweeps.fingerprint import run_fingerprint, training_code_digest
 from masklab_d2.tools.sweeps.report import training_time_s, write_report
+from masklab_d2.tools.sweeps.slurm import slurm_parameters
 from masklab_d2.tools.sweeps.spec import (
     Run,
     SweepError,
@@ -31,8 +34,6 @@ from masklab_d2.tools.sweeps.spec import (
     expand_runs,
     load_sweep,
     safe_name,
-    slurm_parameters,
-    train_command,
 )
 from masklab_d2.tools.sweeps.state import (
     DONE,
@@ -47,7 +48,6 @@ from masklab_d2.tools.sweeps.state import (
     run_state,
 )
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY_SWEEP = os.path.join(REPO, "tests", "data", "tiny_sweep.yaml")
 MASK_RCNN = "configs/shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml"
 MASKLAB = "configs/shapes-partial/masklab_R_18_FPN_gtcrop.yaml"
@@ -628,15 +628,6 @@ def test_report_mean_std_missing_cells_and_plots(tmp_path):
 # ------------------------------------------------------------------- end to end (detectron2)
 
 
-@pytest.fixture(scope="module")
-def shapes_env(tmp_path_factory):
-    """MASKLAB_SHAPES_DIR for the training subprocesses: inherited when set, else a temp dir."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not os.environ.get("MASKLAB_SHAPES_DIR"):
-            patch.setenv("MASKLAB_SHAPES_DIR", str(tmp_path_factory.mktemp("shapes")))
-        yield os.environ["MASKLAB_SHAPES_DIR"]
-
-
 def check_real_report(output_root, good_runs):
     paths = dict(
         csv=os.path.join(output_root, "results.csv"),
@@ -663,7 +654,7 @@ def check_real_report(output_root, good_runs):
 
 @pytest.mark.detectron2
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end_local(tmp_path, shapes_env, capsys):
+def test_tiny_sweep_end_to_end_local(tmp_path, capsys):
     pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     root = str(tmp_path / "local")
     assert sweep_tool.main([TINY_SWEEP, "--output-root", root]) == 1  # the broken cell fails
@@ -687,9 +678,7 @@ LAZY_SHAPES = os.path.join(REPO, "configs", "lazy", "shapes", "mask_rcnn_R_18_FP
 
 @pytest.mark.detectron2
 @pytest.mark.slow
-def test_a_lazy_config_sweep_runs_finishes_and_goes_stale_on_a_changed_option(
-    tmp_path, shapes_env, capsys
-):
+def test_a_lazy_config_sweep_runs_finishes_and_goes_stale_on_a_changed_option(tmp_path, capsys):
     """A LazyConfig cell: key=value overrides (train.output_dir, train.seed first), done once its
     final evaluation is logged, its fingerprint the merged LazyConfig's."""
     pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
@@ -734,7 +723,7 @@ def test_a_lazy_config_sweep_runs_finishes_and_goes_stale_on_a_changed_option(
 
 @pytest.mark.detectron2
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end_submitit_local(tmp_path, shapes_env, capsys):
+def test_tiny_sweep_end_to_end_submitit_local(tmp_path, capsys):
     pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     pytest.importorskip("submitit")
     root = str(tmp_path / "submitit")
@@ -1075,9 +1064,7 @@ def expand_runs_at(tmp_path, output_dir):
 
 @pytest.mark.detectron2
 @pytest.mark.slow
-def test_submitit_job_requeued_after_a_timeout_signal_resumes_from_its_checkpoint(
-    tmp_path, shapes_env
-):
+def test_submitit_job_requeued_after_a_timeout_signal_resumes_from_its_checkpoint(tmp_path):
     """A cell through submitit's LocalExecutor, training in the job's process; at iteration 1 it
     gets submitit's timeout signal (USR2, sent by the run itself so that the test does not
     depend on timing): it saves, submitit requeues the job, the new job resumes."""

@@ -13,9 +13,8 @@ import pytest
 pytestmark = pytest.mark.detectron2
 pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
-from helpers import run_python  # noqa: E402
+from helpers import REPO, run_python  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
 TINY = [
     "DATASETS.TRAIN",

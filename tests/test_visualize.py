@@ -18,13 +18,13 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.poolers import assign_boxes_to_levels  # noqa: E402
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
+from helpers import CONFIGS  # noqa: E402
 from matplotlib.colors import rgb_to_hsv  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from masklab_d2.layers.masklab import DirectionBinning  # noqa: E402
 from masklab_d2.tools import visualize, visualize_heads  # noqa: E402
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 MASK_RCNN = os.path.join(CONFIGS, "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
 MASKLAB = os.path.join(CONFIGS, "shapes", "masklab_R_18_FPN.yaml")
 DEFORMABLE = os.path.join(CONFIGS, "shapes", "masklab-ablations", "deformable_box_pooling.yaml")
@@ -36,15 +36,6 @@ TINY = [
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
     "TEST.DETECTIONS_PER_IMAGE", "20",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shapes_env(tmp_path_factory):
-    """The shapes cache: inherited MASKLAB_SHAPES_DIR, else a temporary one."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not os.environ.get("MASKLAB_SHAPES_DIR"):
-            patch.setenv("MASKLAB_SHAPES_DIR", str(tmp_path_factory.mktemp("shapes")))
-        yield
 
 
 def assert_picture(path, min_std=8.0, size=None):

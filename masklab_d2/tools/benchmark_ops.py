@@ -36,13 +36,13 @@ against the per-sub-box crops with the same gradients.
 import argparse
 import os
 import statistics
-import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from masklab_d2.layers import crop_and_resize, deformable_crop_and_resize
+from masklab_d2.utils.timing import wall_times_ms
 
 FPN_800x1216 = [(200, 304, 4), (100, 152, 8), (50, 76, 16), (25, 38, 32)]
 SHAPES_256 = [(64, 64, 4), (32, 32, 8), (16, 16, 16), (8, 8, 32)]
@@ -62,21 +62,10 @@ def parse_maps(names: Sequence[str]) -> List[Tuple[int, int, int]]:
     return maps
 
 
-def _sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], object], device: str, repeat: int) -> Tuple[float, float, float]:
     """(min, median, max) wall time of fn() in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
+    del device  # the Timer synchronises CUDA itself
+    times = wall_times_ms(fn, repeat, warmup=1)
     return min(times), statistics.median(times), max(times)
 
 

@@ -51,12 +51,13 @@ import os
 import resource
 import statistics
 import sys
-import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from masklab_d2.utils.timing import wall_times_ms
 
 logger = logging.getLogger("masklab_d2.tools.profile_heads")
 
@@ -238,23 +239,10 @@ def count_flops(branch: MaskBranch, features, fields, image_size) -> Tuple[float
 # ------------------------------------------------------------------------------------------------
 # Latency and memory
 # ------------------------------------------------------------------------------------------------
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def median_ms(fn: Callable[[], object], device: str, repeat: int, warmup: int) -> float:
     """Median wall time of fn() in milliseconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeat)):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    del device  # the Timer synchronises CUDA itself
+    return statistics.median(wall_times_ms(fn, repeat, warmup))
 
 
 def _status_kib(field: str) -> Optional[int]:

@@ -11,8 +11,10 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import masklab_d2.tools.sweeps as sweeps_package
+from masklab_d2.tools.sweeps import slurm
+from masklab_d2.tools.sweeps.commands import train_command
 from masklab_d2.tools.sweeps.fingerprint import fingerprints_of
-from masklab_d2.tools.sweeps.launch import _STOPPING, RunTask, make_launcher, make_task
+from masklab_d2.tools.sweeps.launch import _STOPPING, LocalLauncher, RunTask, make_task
 from masklab_d2.tools.sweeps.progress import Progress
 from masklab_d2.tools.sweeps.report import write_report
 from masklab_d2.tools.sweeps.spec import (
@@ -22,7 +24,6 @@ from masklab_d2.tools.sweeps.spec import (
     SweepSpec,
     expand_runs,
     load_sweep,
-    train_command,
 )
 from masklab_d2.tools.sweeps.state import (
     DONE,
@@ -323,3 +324,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for run in failed:
             print(f"[sweep] FAILED {run.name}: see {os.path.join(run.output_dir, STATUS_FILE)}")
     return 1 if counts[FAILED] else 0
+
+
+def make_launcher(spec: SweepSpec, kind: str):
+    """The launcher ``kind`` names: local processes, or submitit jobs (Slurm or local)."""
+    if kind == "local":
+        return LocalLauncher(spec.parallel, spec.num_gpus)
+    if kind in ("slurm", "submitit-local"):
+        return slurm.SubmititLauncher(spec, local=kind == "submitit-local")
+    raise SweepError(f"unknown launcher {kind!r}; choose from {LAUNCHERS}")

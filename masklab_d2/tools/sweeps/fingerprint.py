@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from masklab_d2.tools.sweeps.spec import REPO_ROOT, Run, config_overrides
+from masklab_d2.tools.sweeps.commands import config_overrides
+from masklab_d2.tools.sweeps.spec import REPO_ROOT, Run
 from masklab_d2.utils.config_files import is_lazy_config
 
 

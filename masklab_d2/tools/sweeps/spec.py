@@ -1,13 +1,13 @@
-"""Sweep files: parsing, run names and the expansion of the grid into runs.
+"""Sweep files: the schema, parsing, run names and the expansion of the grid into runs.
 
-The format is described in :mod:`masklab_d2.tools.sweep`. Nothing here touches a run folder.
+The format is described in :mod:`masklab_d2.tools.sweep`. Nothing here touches a run folder,
+knows train_net.py's command line (:mod:`.commands`) or Slurm (:mod:`.slurm`).
 """
 
 import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import sys
@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
-
-from masklab_d2.utils.config_files import is_lazy_config
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 _CELL_RESERVED_KEYS = ("name", "config", "opts", "seeds")
@@ -39,23 +37,6 @@ _SPEC_KEYS = (
     "baseline",
 )
 _MAX_NAME_LENGTH = 120
-# Friendly names of the `slurm:` settings -> submitit AutoExecutor parameters.
-_SLURM_ALIASES = {
-    "array_parallelism": "slurm_array_parallelism",
-    "partition": "slurm_partition",
-    "time": "timeout_min",
-    "gpus": "gpus_per_node",
-    "cpus": "cpus_per_task",
-    "mem": "mem_gb",
-    "account": "slurm_account",
-    "qos": "slurm_qos",
-    "constraint": "slurm_constraint",
-    "comment": "slurm_comment",
-    "exclude": "slurm_exclude",
-    "setup": "slurm_setup",
-    "additional": "slurm_additional_parameters",
-}
-_GENERIC_SUBMITIT_KEYS = ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "name")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -469,115 +450,3 @@ def expand_runs(spec: SweepSpec) -> List[Run]:
         for cell, seeds in zip(cells, seeds_of)
         if index < len(seeds)
     ]
-
-
-def train_args(spec: SweepSpec, run: Run, resume: bool = False) -> List[str]:
-    """The train_net.py arguments of a run (its command line after the script)."""
-    args = ["--config-file", run.cell.config_file]
-    if spec.num_gpus > 1:
-        # A free port per run: detectron2's default port is the same for all of a user's runs,
-        # so two multi-GPU runs on one node would collide.
-        args += ["--num-gpus", str(spec.num_gpus), "--dist-url", "auto"]
-    if resume:
-        args.append("--resume")
-    return args + run_overrides(run)
-
-
-def config_overrides(
-    config_file: str,
-    output_dir: str,
-    seed: int,
-    pairs: Sequence[str],
-    device: Optional[str] = None,
-) -> List[str]:
-    """A run's overrides on the command line of its config system: ``KEY VALUE`` pairs for a
-    YAML config, ``key=value`` for a LazyConfig; its output folder and seed first.
-
-    Args:
-        pairs: flat [KEY, VALUE, ...] overrides (a cell's), keys as the config system names them.
-        device: when given, the device last (``MODEL.DEVICE`` / ``train.device``).
-    """
-    if not is_lazy_config(config_file):
-        device_pair = ["MODEL.DEVICE", device] if device else []
-        return ["OUTPUT_DIR", output_dir, "SEED", str(seed)] + list(pairs) + device_pair
-    keys_values = zip(pairs[::2], pairs[1::2])
-    # Quoted: a run's folder name holds "=", which Hydra's override grammar would reject.
-    quoted_dir = "'" + output_dir.replace("'", "\\'") + "'"
-    device_override = [f"train.device={device}"] if device else []
-    return (
-        [f"train.output_dir={quoted_dir}", f"train.seed={seed}"]
-        + [f"{key}={value}" for key, value in keys_values]
-        + device_override
-    )
-
-
-def run_overrides(run: Run) -> List[str]:
-    """The overrides of a run (:func:`config_overrides`)."""
-    return config_overrides(run.cell.config_file, run.output_dir, run.seed, run.cell.overrides)
-
-
-def train_command(spec: SweepSpec, run: Run, resume: bool = False) -> List[str]:
-    """The train_net.py command of a run."""
-    return [spec.python, spec.train_script] + train_args(spec, run, resume)
-
-
-def slurm_parameters(spec: SweepSpec) -> Dict[str, Any]:
-    """The sweep's ``slurm:`` settings as submitit AutoExecutor parameters.
-
-    One task per GPU (submitit sets up each task's distributed environment); the job array runs
-    as many jobs at once as ``slurm: {array_parallelism: n}`` allows (submitit's default 256),
-    independently of the local ``parallel``.
-    """
-    params: Dict[str, Any] = {
-        "name": spec.name,
-        "timeout_min": 720,
-        "gpus_per_node": spec.num_gpus,
-        "nodes": 1,
-        "tasks_per_node": max(1, spec.num_gpus),
-    }
-    for key, value in spec.slurm.items():
-        if key == "snapshot":  # the sweep's own setting (launch.SubmititLauncher)
-            continue
-        target = _SLURM_ALIASES.get(key)
-        if target is None and key in _GENERIC_SUBMITIT_KEYS:
-            target = key
-        if target is None and key.startswith("slurm_"):
-            target = key
-        if target is None and _is_slurm_parameter(key):
-            target = f"slurm_{key}"
-        if target is None:
-            raise SweepError(
-                f"{spec.path}: unknown slurm setting {key!r}; use {sorted(_SLURM_ALIASES)}, "
-                f"{list(_GENERIC_SUBMITIT_KEYS)} or a submitit slurm_* parameter"
-            )
-        if target == "timeout_min":
-            value = _minutes(value)
-        elif target == "mem_gb" and isinstance(value, str):
-            value = int(re.sub(r"[gG][bB]?$", "", value))
-        params[target] = value
-    if params["gpus_per_node"] != spec.num_gpus:
-        raise SweepError(
-            f"{spec.path}: slurm gpus ({params['gpus_per_node']}) must equal num_gpus "
-            f"({spec.num_gpus}): each run gets one task per GPU"
-        )
-    return params
-
-
-def _is_slurm_parameter(key: str) -> bool:
-    try:
-        import submitit
-    except ImportError:
-        return False
-    return key in submitit.SlurmExecutor._valid_parameters()
-
-
-def _minutes(value: Any) -> int:
-    """Slurm time: minutes, "HH:MM:SS", "MM:SS" or "D-HH:MM:SS" -> minutes."""
-    if isinstance(value, (int, float)):
-        return int(math.ceil(value))
-    days, _, clock = str(value).rpartition("-")
-    parts = [int(x) for x in clock.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    hours, minutes, seconds = parts
-    return int((int(days or 0) * 24 + hours) * 60 + minutes + math.ceil(seconds / 60))
