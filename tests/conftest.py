@@ -1,6 +1,7 @@
 import atexit
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 
@@ -28,6 +29,27 @@ def pytest_configure(config):
         "slow: trains a model for a while; -m 'not slow' leaves them out of a quick local run "
         "(.ci/run runs everything)",
     )
+
+
+# A test module that needs detectron2 says so once, with the marker: ``pytestmark =
+# pytest.mark.detectron2`` (alone or in a list) before its detectron2 imports. Where detectron2
+# is absent the module is then skipped as a whole, with the reason, before it is imported; a
+# single test says ``@pytest.mark.detectron2`` and imports detectron2 inside.
+_MODULE_MARK = re.compile(r"^pytestmark\s*=.*?pytest\.mark\.detectron2\b", re.M | re.S)
+
+
+class _ModuleNeedingDetectron2(pytest.Module):
+    def collect(self):
+        pytest.skip(f"{self.path.name}: {DETECTRON2_REASON}", allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if HAS_DETECTRON2:
+        return None
+    head = module_path.read_text().split("\ndef ", 1)[0].split("\nclass ", 1)[0]
+    if _MODULE_MARK.search(head):
+        return _ModuleNeedingDetectron2.from_parent(parent, path=module_path)
+    return None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -213,7 +213,6 @@ def _random_scene(seed, num_images=12, num_categories=4):
 @pytest.mark.detectron2
 @pytest.mark.parametrize("case", list(HAND_CASES))
 def test_evaluate_boundary_on_the_hand_cases(case):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     from pycocotools.coco import COCO as PycocoCOCO
 
     from masklab_d2.evaluation.boundary import evaluate_boundary
@@ -237,7 +236,6 @@ def test_evaluate_boundary_on_the_hand_cases(case):
 
 @pytest.mark.detectron2
 def test_group_boundary_ap_equals_evaluating_each_group_alone():
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     from pycocotools.coco import COCO as PycocoCOCO
 
     from masklab_d2.evaluation.boundary import METRICS, evaluate_boundary
@@ -319,7 +317,6 @@ def _evaluator_results(inputs, outputs, mask_train_classes="voc", **kwargs):
 
 @pytest.mark.detectron2
 def test_evaluator_reports_boundary_ap_beside_mask_ap_with_the_same_keys():
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     from detectron2.data import MetadataCatalog
 
     import masklab_d2.data  # noqa: F401  (registers the shapes splits)
@@ -362,7 +359,6 @@ def test_evaluator_reports_boundary_ap_beside_mask_ap_with_the_same_keys():
 
 @pytest.mark.detectron2
 def test_evaluator_without_boundary_ap_or_without_faster_coco_eval(monkeypatch):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     import masklab_d2.data  # noqa: F401
     from masklab_d2.evaluation import partial_coco
 

@@ -12,7 +12,6 @@ import re
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -7,7 +7,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_DETECTRON2
 from helpers import CONFIGS  # noqa: E402
 
 COCO_CONFIGS = sorted(
@@ -47,7 +46,7 @@ def fake_imagenet_c2_checkpoint(depth: int, shapes_of) -> dict:
     return blobs
 
 
-@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed")
+@pytest.mark.detectron2
 @pytest.mark.parametrize("config", COCO_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIGS))
 def test_coco_config_starts_from_an_imagenet_checkpoint(config, tmp_path):
     from detectron2.modeling import build_model
@@ -89,7 +88,7 @@ def test_coco_config_starts_from_an_imagenet_checkpoint(config, tmp_path):
         assert len(copies) == 2
 
 
-@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed")
+@pytest.mark.detectron2
 def test_train_net_saves_and_loads_through_masklab_checkpointer(tmp_path):
     from detectron2.engine import hooks
     from helpers import tiny_cfg

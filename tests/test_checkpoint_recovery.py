@@ -16,7 +16,6 @@ import zipfile
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
 from helpers import REPO, TINY_LAZY_OPTS, TINY_YAML_OPTS, run_python  # noqa: E402

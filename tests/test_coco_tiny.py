@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 COCO_TINY = os.environ.get("MASKLAB_COCO_TINY", "")
 if not os.path.isdir(COCO_TINY):

@@ -7,7 +7,6 @@ import re
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY  # noqa: E402

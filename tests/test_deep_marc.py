@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 pytestmark = pytest.mark.detectron2
 
 import torch  # noqa: E402

@@ -12,7 +12,6 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 from helpers import run_python  # noqa: E402
 from test_train_net import CONFIG, REPO, TINY  # noqa: E402

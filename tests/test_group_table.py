@@ -3,7 +3,6 @@
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 from masklab_d2.evaluation.partial_coco import group_table  # noqa: E402
 

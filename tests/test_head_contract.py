@@ -5,7 +5,6 @@ constructor argument and the YAML key."""
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402

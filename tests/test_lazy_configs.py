@@ -9,7 +9,6 @@ import os
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import torch  # noqa: E402
 from detectron2.config import LazyCall as L  # noqa: E402

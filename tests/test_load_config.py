@@ -9,7 +9,6 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 from helpers import REPO  # noqa: E402
 

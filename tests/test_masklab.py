@@ -195,19 +195,10 @@ MASKLAB_CONFIGS = sorted(
 )
 
 
-def _d2():
-    d2 = pytest.importorskip(
-        "detectron2", reason="detectron2 is not installed (see README: Install)"
-    )
-    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
-
-    return d2
-
-
 @pytest.mark.detectron2
 @pytest.mark.parametrize("config", MASKLAB_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIGS))
 def test_shapes_config_trains_and_infers(config):
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from detectron2.data import DatasetCatalog, build_detection_train_loader
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
@@ -247,7 +238,7 @@ def test_shapes_config_trains_and_infers(config):
 
 @pytest.mark.detectron2
 def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
     from helpers import image_instances, tiny_cfg
@@ -287,7 +278,7 @@ def test_intermediates_and_offsets_are_reachable_and_offsets_learn():
 
 @pytest.mark.detectron2
 def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
     from helpers import image_instances, tiny_cfg
@@ -323,7 +314,7 @@ def test_dense_auxiliary_losses_train_and_ignore_maskless_instances():
     ],
 )
 def test_coco_configs_build_and_train_one_step(config):
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
     from helpers import image_instances
@@ -351,7 +342,7 @@ def test_offsets_are_bounded():
 
 @pytest.mark.detectron2
 def test_offset_network_learns_at_its_lr_factor():
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from detectron2.modeling import build_model
     from helpers import tiny_cfg
 
@@ -410,7 +401,7 @@ def _train_step(model, instances=None, loss_names=None):
 
 @pytest.mark.detectron2
 def test_logged_mask_metrics_are_the_refined_masks_not_the_coarse():
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     _, model = _masklab_model("shapes/masklab_R_18_FPN.yaml")
     head = model.roi_heads.mask_head
     with torch.no_grad():  # coarse: every pixel negative; refined: every pixel positive
@@ -442,7 +433,7 @@ def test_logged_mask_metrics_are_the_refined_masks_not_the_coarse():
 )
 def test_every_mask_head_parameter_gets_a_gradient(config, overrides):
     """detectron2's DDP (find_unused_parameters=False) fails on a parameter without gradient."""
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     _, model = _masklab_model(config, **overrides)
     _train_step(model)
     unused = [n for n, p in model.roi_heads.mask_head.named_parameters() if p.grad is None]
@@ -451,7 +442,7 @@ def test_every_mask_head_parameter_gets_a_gradient(config, overrides):
 
 @pytest.mark.detectron2
 def test_agnostic_semantic_input_trains_every_channel_unseen_classes_read():
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     config = "shapes-partial/masklab_R_18_FPN_gtcrop.yaml"
     # "class": only the masked class's row (0) and nothing of class 9 (mask-less) is trained.
     _, model = _masklab_model(config, **{"MODEL.MASKLAB.SEMANTIC_INPUT": "class"})
@@ -481,7 +472,7 @@ def test_agnostic_semantic_input_trains_every_channel_unseen_classes_read():
 
 @pytest.mark.detectron2
 def test_dense_semantic_loss_leaves_classes_without_masks_out_of_the_softmax():
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from masklab_d2.data import mask_train_class_ids
 
     cfg, model = _masklab_model(
@@ -499,7 +490,7 @@ def test_dense_semantic_loss_leaves_classes_without_masks_out_of_the_softmax():
 
 
 def test_partial_masklab_configs_use_the_agnostic_semantic_input():
-    _d2()
+    import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from masklab_d2.config import load_config
 
     paths = glob.glob(os.path.join(CONFIGS, "*", "masklab_*.yaml")) + glob.glob(

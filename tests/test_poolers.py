@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from conftest import HAS_DETECTRON2
 
 pytestmark = [
     pytest.mark.detectron2,
-    pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed"),
 ]
 
 

@@ -21,7 +21,7 @@ from pycocotools import mask as mask_util
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_PATH = REPO_ROOT / "masklab_d2" / "data" / "shapes.py"
-HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
+from conftest import HAS_DETECTRON2  # noqa: E402
 
 
 def _load_shapes():

@@ -655,7 +655,6 @@ def check_real_report(output_root, good_runs):
 @pytest.mark.detectron2
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_local(tmp_path, capsys):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     root = str(tmp_path / "local")
     assert sweep_tool.main([TINY_SWEEP, "--output-root", root]) == 1  # the broken cell fails
     out = capsys.readouterr().out
@@ -681,7 +680,6 @@ LAZY_SHAPES = os.path.join(REPO, "configs", "lazy", "shapes", "mask_rcnn_R_18_FP
 def test_a_lazy_config_sweep_runs_finishes_and_goes_stale_on_a_changed_option(tmp_path, capsys):
     """A LazyConfig cell: key=value overrides (train.output_dir, train.seed first), done once its
     final evaluation is logged, its fingerprint the merged LazyConfig's."""
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     text = f"""
         name: lazy
         base_config: {LAZY_SHAPES}
@@ -724,7 +722,6 @@ def test_a_lazy_config_sweep_runs_finishes_and_goes_stale_on_a_changed_option(tm
 @pytest.mark.detectron2
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_submitit_local(tmp_path, capsys):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     pytest.importorskip("submitit")
     root = str(tmp_path / "submitit")
     argv = [
@@ -1068,7 +1065,6 @@ def test_submitit_job_requeued_after_a_timeout_signal_resumes_from_its_checkpoin
     """A cell through submitit's LocalExecutor, training in the job's process; at iteration 1 it
     gets submitit's timeout signal (USR2, sent by the run itself so that the test does not
     depend on timing): it saves, submitit requeues the job, the new job resumes."""
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
     pytest.importorskip("submitit")
     root = tmp_path / "requeue"
     text = open(TINY_SWEEP).read().split("axes:")[0]  # name and base config

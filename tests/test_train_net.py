@@ -11,7 +11,6 @@ import time
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 from helpers import REPO, run_python  # noqa: E402
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.detectron2
-pytest.importorskip("detectron2", reason="detectron2 is not installed (see README: Install)")
 
 import cv2  # noqa: E402
 import torch  # noqa: E402
