@@ -120,3 +120,49 @@ def image_instances(height: int = 96, width: int = 96, polygons: bool = False):
         instances.gt_masks = BitMasks(masks)
     instances.gt_has_mask = torch.tensor([True, False])
     return instances
+
+
+# ----------------------------------------------------------------------------------------------
+# Random [K, 5] rois (batch index, x1, y1, x2, y2) for the op tests, seeded by ``generator``:
+# awkward_rois (every awkward kind, the CPU op tests), regular_rois (regular boxes, some partly
+# outside, over chosen images: the backends), wide_rois (inside, across and far outside the map,
+# zero-size and flipped: CPU against CUDA).
+
+
+def awkward_rois(num_boxes, batch_size, extent, generator, dtype=torch.float64):
+    """Boxes of every awkward kind: regular, zero-size, flipped, partly and wholly outside, sub-pixel."""
+    kinds = []
+    for i in range(num_boxes):
+        x1, y1 = (torch.rand(2, generator=generator, dtype=dtype) * extent).tolist()
+        w, h = (torch.rand(2, generator=generator, dtype=dtype) * extent / 2 + 1).tolist()
+        kind = i % 6
+        if kind == 1:  # zero size
+            w = h = 0.0
+        elif kind == 2:  # flipped in x and y
+            w, h = -w, -h
+        elif kind == 3:  # partly outside
+            x1, y1 = x1 - extent / 2, y1 + extent / 2
+        elif kind == 4:  # wholly outside
+            x1, y1 = x1 + 2 * extent, y1 - 3 * extent
+        elif kind == 5:  # sub-pixel
+            w, h = w / extent, h / extent
+        kinds.append([float(i % batch_size), x1, y1, x1 + w, y1 + h])
+    return torch.tensor(kinds, dtype=dtype).reshape(-1, 5)
+
+
+def regular_rois(num_boxes, batch_size, extent, generator, dtype=torch.float64, images=None):
+    """Regular boxes, some partly outside the map, spread over ``images`` (default: all)."""
+    images = list(range(batch_size)) if images is None else images
+    xy = torch.rand(num_boxes, 2, generator=generator, dtype=dtype) * extent - extent / 8
+    wh = torch.rand(num_boxes, 2, generator=generator, dtype=dtype) * extent / 2 + 1
+    index = torch.tensor([images[i % len(images)] for i in range(num_boxes)], dtype=dtype)
+    return torch.cat([index[:, None], xy, xy + wh], dim=1)
+
+
+def wide_rois(num_boxes, batch_size, extent, generator, dtype=torch.float64):
+    """Boxes inside, across and far outside the map, zero-size and flipped."""
+    xy = torch.rand(num_boxes, 2, generator=generator, dtype=dtype) * 1.5 * extent - extent / 4
+    wh = (torch.rand(num_boxes, 2, generator=generator, dtype=dtype) - 0.2) * extent / 2
+    wh[::7] = 0
+    index = torch.arange(num_boxes, dtype=dtype)[:, None] % batch_size
+    return torch.cat([index, xy, xy + wh], dim=1)

@@ -14,34 +14,15 @@ pytestmark = pytest.mark.detectron2
 import torch  # noqa: E402
 from detectron2.config import LazyCall as L  # noqa: E402
 from detectron2.config import LazyConfig  # noqa: E402
-from helpers import REPO, run_python  # noqa: E402
+from helpers import REPO, TINY_LAZY_OPTS, run_python  # noqa: E402
 
 from masklab_d2.engine.lazy_train import do_train, resolve_device  # noqa: E402
 from masklab_d2.utils.detectron2 import point_rend_available  # noqa: E402
 
 LAZY = os.path.join(REPO, "configs", "lazy")
 PARTIAL = sorted(glob.glob(os.path.join(LAZY, "shapes-partial", "*.py")))
-# The tiny shapes splits at 128 px, 2 images a batch, on the CPU, seeded. Five detections per
-# image, whatever their score: an untrained model's scores may all fall below the usual 0.05,
-# and evaluating many detections is what costs the time.
-TINY = [
-    "dataloader.train.dataset.names=shapes_tiny_train",
-    "dataloader.test.dataset.names=shapes_tiny_val",
-    "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
-    "dataloader.train.mapper.augmentations.0.max_size=128",
-    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
-    "dataloader.test.mapper.augmentations.0.max_size=128",
-    "dataloader.train.total_batch_size=2",
-    "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0",
-    "model.roi_heads.batch_size_per_image=32",
-    "model.proposal_generator.post_nms_topk=[100,50]",
-    "model.roi_heads.box_predictor.test_topk_per_image=5",
-    "model.roi_heads.box_predictor.test_score_thresh=0.0",
-    "train.seed=0",
-    "train.precise_bn.num_iter=2",
-    "train.device=cpu",
-]
+# helpers' tiny run, with PreciseBN on two batches.
+TINY = TINY_LAZY_OPTS + ["train.precise_bn.num_iter=2"]
 
 
 def _metrics(output_dir):

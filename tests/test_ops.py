@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers import awkward_rois
 
 from masklab_d2.layers import (
     CropAndResize,
@@ -18,33 +19,12 @@ from masklab_d2.layers import (
 from masklab_d2.layers._ops import ops
 
 
-def _random_rois(num_boxes, batch_size, extent, generator, dtype=torch.float64):
-    """Boxes of every awkward kind: regular, zero-size, flipped, partly and wholly outside, sub-pixel."""
-    kinds = []
-    for i in range(num_boxes):
-        x1, y1 = (torch.rand(2, generator=generator, dtype=dtype) * extent).tolist()
-        w, h = (torch.rand(2, generator=generator, dtype=dtype) * extent / 2 + 1).tolist()
-        kind = i % 6
-        if kind == 1:  # zero size
-            w = h = 0.0
-        elif kind == 2:  # flipped in x and y
-            w, h = -w, -h
-        elif kind == 3:  # partly outside
-            x1, y1 = x1 - extent / 2, y1 + extent / 2
-        elif kind == 4:  # wholly outside
-            x1, y1 = x1 + 2 * extent, y1 - 3 * extent
-        elif kind == 5:  # sub-pixel
-            w, h = w / extent, h / extent
-        kinds.append([float(i % batch_size), x1, y1, x1 + w, y1 + h])
-    return torch.tensor(kinds, dtype=dtype).reshape(-1, 5)
-
-
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("crop_size", [1, 2, (5, 3), 7, 14])
 def test_crop_and_resize_matches_reference(crop_size, aligned):
     g = torch.Generator().manual_seed(0)
     features = torch.randn(3, 4, 13, 17, generator=g, dtype=torch.float64)
-    rois = _random_rois(36, 3, extent=34.0, generator=g)
+    rois = awkward_rois(36, 3, extent=34.0, generator=g)
     out = crop_and_resize(features, rois, 0.5, crop_size, aligned)
     ref = crop_and_resize_reference(features, rois, 0.5, crop_size, aligned)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
@@ -54,7 +34,7 @@ def test_crop_and_resize_matches_reference(crop_size, aligned):
 def test_deformable_matches_reference(grid, output_size):
     g = torch.Generator().manual_seed(1)
     features = torch.randn(2, 3, 11, 9, generator=g, dtype=torch.float64)
-    rois = _random_rois(24, 2, extent=20.0, generator=g)
+    rois = awkward_rois(24, 2, extent=20.0, generator=g)
     offsets = torch.randn(24, 2, grid, grid, generator=g, dtype=torch.float64)
     for aligned in (False, True):
         out = deformable_crop_and_resize(features, rois, offsets, 0.5, output_size, 0.1, aligned)
@@ -175,7 +155,7 @@ def test_gradcheck_deformable_offsets():
 def test_gradients_match_reference():
     g = torch.Generator().manual_seed(5)
     features = torch.randn(3, 6, 12, 10, generator=g, dtype=torch.float64)
-    rois = _random_rois(30, 3, extent=20.0, generator=g)
+    rois = awkward_rois(30, 3, extent=20.0, generator=g)
     offsets = torch.randn(30, 2, 3, 3, generator=g, dtype=torch.float64)
     grads = []
     for op in (deformable_crop_and_resize, deformable_crop_and_resize_reference):
@@ -193,7 +173,7 @@ def test_gradients_match_reference():
 def test_non_contiguous_and_channels_last_inputs():
     g = torch.Generator().manual_seed(6)
     features = torch.randn(2, 8, 12, 14, generator=g)
-    rois = _random_rois(10, 2, extent=24.0, generator=g, dtype=torch.float32)
+    rois = awkward_rois(10, 2, extent=24.0, generator=g, dtype=torch.float32)
     expected = crop_and_resize(features, rois, 0.5, 5)
     channels_last = features.contiguous(memory_format=torch.channels_last)
     strided = torch.randn(2, 16, 12, 14, generator=g)
@@ -219,7 +199,7 @@ def test_non_contiguous_and_channels_last_inputs():
 def test_low_precision_dtypes(dtype):
     g = torch.Generator().manual_seed(7)
     features = torch.randn(2, 4, 10, 10, generator=g)
-    rois = _random_rois(12, 2, extent=16.0, generator=g, dtype=torch.float32)
+    rois = awkward_rois(12, 2, extent=16.0, generator=g, dtype=torch.float32)
     out = crop_and_resize(features.to(dtype), rois, 0.5, 7)
     assert out.dtype == dtype
     reference = crop_and_resize_reference(features.to(dtype).double(), rois.double(), 0.5, 7)

@@ -5,6 +5,7 @@ deterministic mode and empty maps."""
 
 import pytest
 import torch
+from helpers import regular_rois
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from masklab_d2.layers import (
@@ -14,15 +15,6 @@ from masklab_d2.layers import (
     deformable_crop_and_resize_reference,
 )
 from masklab_d2.layers._ops import ops
-
-
-def _rois(num_boxes, batch_size, extent, generator, dtype=torch.float64, images=None):
-    """Regular boxes, some partly outside the map, spread over ``images`` (default: all)."""
-    images = list(range(batch_size)) if images is None else images
-    xy = torch.rand(num_boxes, 2, generator=generator, dtype=dtype) * extent - extent / 8
-    wh = torch.rand(num_boxes, 2, generator=generator, dtype=dtype) * extent / 2 + 1
-    index = torch.tensor([images[i % len(images)] for i in range(num_boxes)], dtype=dtype)
-    return torch.cat([index[:, None], xy, xy + wh], dim=1)
 
 
 def _both_ops(features, rois, offsets, aligned=True):
@@ -38,7 +30,7 @@ def test_inductor_compiles_forward_and_backward_on_cpu():
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(30)
     features = torch.randn(2, 5, 12, 11, generator=g)
-    rois = _rois(7, 2, 20.0, g, dtype=torch.float32)
+    rois = regular_rois(7, 2, 20.0, g, dtype=torch.float32)
     offsets = 0.3 * torch.randn(7, 2, 3, 3, generator=g)
 
     def loss(f, b, o):
@@ -71,7 +63,7 @@ def test_backward_layout_matches_fake_kernel(layout):
         "channels_last": base.contiguous(memory_format=torch.channels_last),
         "sliced": torch.cat([base, base], dim=1)[:, ::2],
     }[layout]
-    rois = _rois(5, 2, 18.0, g)
+    rois = regular_rois(5, 2, 18.0, g)
     offsets = torch.randn(5, 2, 2, 2, generator=g, dtype=torch.float64)
     grad = torch.randn(5, 8, 4, 4, generator=g, dtype=torch.float64)
     for mask in ([True, True], [True, False], [False, True]):
@@ -103,7 +95,7 @@ def test_many_channels_against_reference(channels):
     """C > 64: several channel blocks per image, the last one ragged."""
     g = torch.Generator().manual_seed(32)
     features = torch.randn(2, channels, 9, 8, generator=g, dtype=torch.float64)
-    rois = _rois(9, 2, 16.0, g)
+    rois = regular_rois(9, 2, 16.0, g)
     offsets = 0.5 * torch.randn(9, 2, 2, 2, generator=g, dtype=torch.float64)
     grad = torch.randn(9, channels, 4, 4, generator=g, dtype=torch.float64)
     results = []
@@ -133,7 +125,7 @@ def test_results_and_feature_gradients_do_not_depend_on_thread_count(images, cha
     by (image, block) instead of by blocks."""
     g = torch.Generator().manual_seed(33)
     features = torch.randn(3, channels, 15, 13, generator=g)
-    rois = _rois(40, 3, 26.0, g, dtype=torch.float32, images=images)
+    rois = regular_rois(40, 3, 26.0, g, dtype=torch.float32, images=images)
     offsets = 0.5 * torch.randn(40, 2, 3, 3, generator=g)
     grad = torch.randn(40, channels, 6, 6, generator=g)
     previous = torch.get_num_threads()
@@ -171,7 +163,7 @@ def test_both_kernel_layouts_against_reference(layout, shape, num_boxes, size, a
     if layout == "channels_last":
         features = features.contiguous(memory_format=torch.channels_last)
     assert _C._cpu_layout(features, num_boxes, size * size) == layout
-    rois = _rois(num_boxes, shape[0], 2.0 * shape[3], g)
+    rois = regular_rois(num_boxes, shape[0], 2.0 * shape[3], g)
     offsets = 0.5 * torch.randn(num_boxes, 2, 1, 1, generator=g, dtype=torch.float64)
     grad = torch.randn(num_boxes, shape[1], size, size, generator=g, dtype=torch.float64)
     results = []
@@ -239,7 +231,7 @@ def test_layouts_in_backward():
     base = torch.randn(2, 70, 12, 14, generator=g, dtype=torch.float64)
     strided = torch.randn(2, 140, 12, 14, generator=g, dtype=torch.float64)
     strided[:, ::2] = base
-    rois = _rois(10, 2, 24.0, g)
+    rois = regular_rois(10, 2, 24.0, g)
     offsets = torch.randn(10, 2, 5, 5, generator=g, dtype=torch.float64)
     results = []
     for variant in (base, base.contiguous(memory_format=torch.channels_last), strided[:, ::2]):
@@ -285,7 +277,7 @@ def test_deterministic_mode_on_cpu():
     runs agree bit for bit."""
     g = torch.Generator().manual_seed(36)
     features = torch.randn(2, 6, 10, 10, generator=g)
-    rois = _rois(12, 2, 18.0, g, dtype=torch.float32)
+    rois = regular_rois(12, 2, 18.0, g, dtype=torch.float32)
     offsets = torch.randn(12, 2, 2, 2, generator=g)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

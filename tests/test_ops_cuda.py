@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from helpers import wide_rois
 
 from masklab_d2.layers import (
     crop_and_resize,
@@ -41,15 +42,6 @@ def _built_with_cuda():
     from masklab_d2.layers._ops import compiled_with_cuda
 
     assert compiled_with_cuda(), "a GPU is present but masklab_d2._C was built without CUDA"
-
-
-def _rois(num_boxes, batch_size, extent, generator, dtype=torch.float64):
-    """Boxes inside, across and far outside the map, zero-size and flipped."""
-    xy = torch.rand(num_boxes, 2, generator=generator, dtype=dtype) * 1.5 * extent - extent / 4
-    wh = (torch.rand(num_boxes, 2, generator=generator, dtype=dtype) - 0.2) * extent / 2
-    wh[::7] = 0
-    index = torch.arange(num_boxes, dtype=dtype)[:, None] % batch_size
-    return torch.cat([index, xy, xy + wh], dim=1)
 
 
 # Exact-border boxes on a 7 x 15 map, 9 x 9 samples: feature-pixel (start, end) pairs whose
@@ -135,7 +127,7 @@ def test_cpu_and_cuda_agree(boxes, dtype, layout, aligned):
     g = torch.Generator().manual_seed(40)
     if boxes == "random":
         features = torch.randn(3, 70, 20, 24, generator=g, dtype=torch.float64)
-        rois = _rois(64, 3, 40.0, g)
+        rois = wide_rois(64, 3, 40.0, g)
         offsets = torch.randn(64, 2, 2, 2, generator=g, dtype=torch.float64)
         spec = (0.5, (7, 7), (8, 8), 0.1)
     else:
@@ -260,7 +252,7 @@ def test_non_finite_upstream_gradients_agree():
     NaN), clamped border samples included."""
     g = torch.Generator().manual_seed(47)
     features = torch.randn(2, 3, 8, 9, generator=g, dtype=torch.float64)
-    rois = _rois(20, 2, 16.0, g)
+    rois = wide_rois(20, 2, 16.0, g)
     grad = torch.randn(20, 3, 5, 5, generator=g, dtype=torch.float64)
     grad[::3, :, 0, :] = float("inf")
     grad[1::4, :, :, -1] = float("nan")
@@ -289,7 +281,7 @@ def test_sliced_features_on_cuda():
     """A channel-strided view (neither NCHW nor channels-last contiguous) equals its copy."""
     g = torch.Generator().manual_seed(42)
     base = torch.randn(2, 8, 12, 14, generator=g, dtype=torch.float64)
-    rois = _rois(10, 2, 24.0, g)
+    rois = wide_rois(10, 2, 24.0, g)
     offsets = torch.randn(10, 2, 2, 2, generator=g, dtype=torch.float64)
     grads = [torch.randn(10, 8, 7, 7, generator=g, dtype=torch.float64)] * 2
     spec = (0.5, (7, 7), (7, 7), 0.1)
@@ -364,7 +356,7 @@ def test_cuda_graph_capture_and_replay():
     def new_values():
         features = torch.randn(2, 6, 16, 18, generator=g)
         offsets = 0.3 * torch.randn(12, 2, 2, 2, generator=g)
-        return features, _rois(12, 2, 30.0, g, torch.float32), offsets
+        return features, wide_rois(12, 2, 30.0, g, torch.float32), offsets
 
     static = [t.cuda().requires_grad_() for t in new_values()]
 
@@ -397,7 +389,7 @@ def test_inductor_forward_and_backward_on_cuda(layout):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(30)
     features = torch.randn(2, 5, 12, 11, generator=g)
-    rois = _rois(7, 2, 20.0, g, dtype=torch.float32)
+    rois = wide_rois(7, 2, 20.0, g, dtype=torch.float32)
     offsets = 0.3 * torch.randn(7, 2, 3, 3, generator=g)
 
     def loss(f, b, o):
@@ -469,7 +461,7 @@ def test_backward_rejects_a_gradient_on_another_device():
 def test_second_device():
     g = torch.Generator().manual_seed(43)
     features = torch.randn(2, 4, 10, 10, generator=g)
-    rois = _rois(8, 2, 20.0, g, dtype=torch.float32)
+    rois = wide_rois(8, 2, 20.0, g, dtype=torch.float32)
     expected = crop_and_resize(features, rois, 0.5, 5, True)
     out = crop_and_resize(features.to("cuda:1"), rois.to("cuda:1"), 0.5, 5, True)
     assert out.device == torch.device("cuda:1")

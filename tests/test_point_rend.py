@@ -21,7 +21,14 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.roi_heads import build_mask_head  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
-from helpers import CONFIGS, REPO, image_instances, run_python, tiny_cfg  # noqa: E402
+from helpers import (  # noqa: E402
+    CONFIGS,
+    REPO,
+    TINY_YAML_OPTS,
+    image_instances,
+    run_python,
+    tiny_cfg,
+)
 
 import masklab_d2.modeling  # noqa: E402,F401  (registration)
 from masklab_d2.config import POINT_REND_KEYS, load_config  # noqa: E402
@@ -151,19 +158,11 @@ def test_coco_lazy_and_yaml_configs_make_the_same_head(lazy, yaml):
 # Shapes configs: head-only on a saved detector, through train_net.py and the seen / unseen
 # evaluator
 # ------------------------------------------------------------------------------------------------
-TINY = [
-    "DATASETS.TRAIN", "('shapes_tiny_train',)",
-    "DATASETS.TEST", "('shapes_tiny_val',)",
-    "INPUT.MIN_SIZE_TRAIN", "(128,)",
-    "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "128",
-    "INPUT.MAX_SIZE_TEST", "128",
-    "SOLVER.IMS_PER_BATCH", "2",
+# helpers' tiny run, with a 2-iteration warm-up. A random detector's scores are about uniform:
+# keep a few detections per image, whatever their score, so that every group is evaluated at a
+# bounded cost.
+TINY = TINY_YAML_OPTS + [
     "SOLVER.WARMUP_ITERS", "2",
-    "DATALOADER.NUM_WORKERS", "0",
-    "MODEL.DEVICE", "cpu",
-    # A random detector's scores are about uniform: keep a few detections per image, whatever
-    # their score, so that every group is evaluated at a bounded cost.
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
     "TEST.DETECTIONS_PER_IMAGE", "5",
 ]  # fmt: skip

@@ -12,33 +12,11 @@ import pytest
 
 pytestmark = pytest.mark.detectron2
 
-from helpers import REPO, run_python  # noqa: E402
+from helpers import REPO, TINY_YAML_OPTS, run_python  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "shapes-partial", "mask_rcnn_R_18_FPN_gtcrop.yaml")
-TINY = [
-    "DATASETS.TRAIN",
-    "('shapes_tiny_train',)",
-    "DATASETS.TEST",
-    "('shapes_tiny_val',)",
-    "INPUT.MIN_SIZE_TRAIN",
-    "(128,)",
-    "INPUT.MAX_SIZE_TRAIN",
-    "128",
-    "INPUT.MIN_SIZE_TEST",
-    "128",
-    "INPUT.MAX_SIZE_TEST",
-    "128",
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "SOLVER.WARMUP_ITERS",
-    "2",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-    "32",
-    "MODEL.DEVICE",
-    "cpu",
-]
+# helpers' tiny run, with a 2-iteration warm-up.
+TINY = TINY_YAML_OPTS + ["SOLVER.WARMUP_ITERS", "2"]
 
 
 def _run(args, output_dir, timeout=600):
