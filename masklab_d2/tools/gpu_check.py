@@ -17,14 +17,14 @@ CPU cores, read off the work each step does: nothing here has run on a GPU yet. 
   with ``TORCH_CUDA_ARCH_LIST`` set to this GPU's compute capability and ``FORCE_CUDA=1`` (no
   silent CPU-only build, no leftover build reused); then a fresh interpreter must load a ``_C``
   that has CUDA kernels, was built for that list after the step began, and runs on the GPU.
-* tests (100 s / 40-70 s): the CUDA tests of ``tests/test_ops_cuda.py`` and
-  ``tests/test_ops_nonfinite.py`` (non-finite factors, overflow, clamped-axis gradients, ``grad``
+* tests (100 s / 40-70 s): the CUDA tests of ``tests/ops/test_ops_cuda.py`` and
+  ``tests/ops/test_ops_nonfinite.py`` (non-finite factors, overflow, clamped-axis gradients, ``grad``
   on another device) except the inductor tests: CPU == CUDA
   forward and every gradient on random and exact-border boxes (samples at -1, H-1 and H) for
   both ops in fp32/fp64/fp16/bf16, NCHW and channels-last; gradcheck on CUDA in float64; no host
   sync; the determinism alert; CUDA graph capture; opcheck; device-side asserts; > 2^31 outputs.
   Tables ``tests.md`` and ``tests.xml`` (JUnit).
-* compile (90 s / 30-60 s): ``tests/test_ops_cuda.py -k inductor``: ``torch.compile`` (inductor,
+* compile (90 s / 30-60 s): ``tests/ops/test_ops_cuda.py -k inductor``: ``torch.compile`` (inductor,
   fullgraph) forward and backward of both ops on CUDA equal eager. ``compile.md``.
 * train (120 s / 60-100 s): the README's main job (``configs/shapes/mask_rcnn_R_18_FPN.yaml``)
   for 300 iterations on the GPU, then its one evaluation (precise BN, ``shapes_tiny_val``); the
@@ -74,7 +74,7 @@ EXIT_MEANING = {
 }
 
 # Every CUDA-marked test of these files runs (-m cuda): the op tests and the non-finite ones.
-CUDA_TESTS = ("tests/test_ops_cuda.py", "tests/test_ops_nonfinite.py")
+CUDA_TESTS = ("tests/ops/test_ops_cuda.py", "tests/ops/test_ops_nonfinite.py")
 TESTS_SELECTION, COMPILE_SELECTION = "not inductor", "inductor"
 MAIN_CONFIG = "configs/shapes/mask_rcnn_R_18_FPN.yaml"  # the README's main job
 TRAIN_ITERS, HEAD_ITERS = 300, 20

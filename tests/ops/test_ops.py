@@ -315,4 +315,4 @@ def test_layers_import_without_detectron2():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# CUDA tests: tests/test_ops_cuda.py
+# CUDA tests: tests/ops/test_ops_cuda.py

@@ -402,6 +402,7 @@ def _train_step(model, instances=None, loss_names=None):
 @pytest.mark.detectron2
 def test_logged_mask_metrics_are_the_refined_masks_not_the_coarse():
     import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
+
     _, model = _masklab_model("shapes/masklab_R_18_FPN.yaml")
     head = model.roi_heads.mask_head
     with torch.no_grad():  # coarse: every pixel negative; refined: every pixel positive
@@ -434,6 +435,7 @@ def test_logged_mask_metrics_are_the_refined_masks_not_the_coarse():
 def test_every_mask_head_parameter_gets_a_gradient(config, overrides):
     """detectron2's DDP (find_unused_parameters=False) fails on a parameter without gradient."""
     import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
+
     _, model = _masklab_model(config, **overrides)
     _train_step(model)
     unused = [n for n, p in model.roi_heads.mask_head.named_parameters() if p.grad is None]
@@ -443,6 +445,7 @@ def test_every_mask_head_parameter_gets_a_gradient(config, overrides):
 @pytest.mark.detectron2
 def test_agnostic_semantic_input_trains_every_channel_unseen_classes_read():
     import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
+
     config = "shapes-partial/masklab_R_18_FPN_gtcrop.yaml"
     # "class": only the masked class's row (0) and nothing of class 9 (mask-less) is trained.
     _, model = _masklab_model(config, **{"MODEL.MASKLAB.SEMANTIC_INPUT": "class"})

@@ -1,7 +1,7 @@
 """Graceful stops (masklab_d2.engine.graceful_stop) through train_net.py and a 2-process run.
 
-Every signal is sent from inside the run at a known iteration (tests/stop_probe.py,
-tests/stop_probe_ddp.py), so nothing here depends on timing. A stopped run exits with status 75
+Every signal is sent from inside the run at a known iteration (tests/end_to_end/stop_probe.py,
+tests/end_to_end/stop_probe_ddp.py), so nothing here depends on timing. A stopped run exits with status 75
 and leaves a checkpoint of the iteration it stopped after; an error leaves last_checkpoint alone.
 """
 
@@ -24,7 +24,11 @@ def _probe(tmp_path, kind, iteration, *opts, name="run"):
     session (and process group) of its own."""
     output = tmp_path / name
     output.mkdir()
-    command = [sys.executable, os.path.join(REPO, "tests", "stop_probe.py"), "--config-file"]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "tests", "end_to_end", "stop_probe.py"),
+        "--config-file",
+    ]
     command += [CONFIG] + TINY + ["SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0"]
     command += ["SOLVER.MAX_ITER", "30"] + list(opts) + ["OUTPUT_DIR", str(output)]
     env = dict(
@@ -129,7 +133,7 @@ def test_an_error_saves_nothing_and_keeps_last_checkpoint(tmp_path):
 def test_two_ranks_stop_together_on_a_signal_to_the_parent_and_resume_exactly(tmp_path):
     import torch
 
-    script = os.path.join(REPO, "tests", "stop_probe_ddp.py")
+    script = os.path.join(REPO, "tests", "end_to_end", "stop_probe_ddp.py")
 
     def run(output, *args):
         return run_python(script, str(output), "12", *args)
@@ -226,7 +230,7 @@ def test_spare_loader_workers_makes_detectron2_loader_workers_ignore_stop_signal
     if not grouped:  # the aspect-ratio grouping needs image sizes: iterate the plain loader only
         batch = next(iter(loader))
         # Blocked in the worker, and taken by its signal thread (only its parent's SIGTERM
-        # ends it; tests/test_runs_end.py sends them).
+        # ends it; tests/end_to_end/test_runs_end.py sends them).
         assert all(set(STOP_SIGNALS) <= item["blocked"] for item in batch), batch
         assert all("stop-signals" in item["threads"] for item in batch), batch
 

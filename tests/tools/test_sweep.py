@@ -48,7 +48,7 @@ from masklab_d2.tools.sweeps.state import (
     run_state,
 )
 
-TINY_SWEEP = os.path.join(REPO, "tests", "data", "tiny_sweep.yaml")
+TINY_SWEEP = os.path.join(REPO, "tests", "tools", "tiny_sweep.yaml")
 MASK_RCNN = "configs/shapes-partial/mask_rcnn_R_18_FPN_gtcrop.yaml"
 MASKLAB = "configs/shapes-partial/masklab_R_18_FPN_gtcrop.yaml"
 
@@ -1070,7 +1070,7 @@ def test_submitit_job_requeued_after_a_timeout_signal_resumes_from_its_checkpoin
     text = open(TINY_SWEEP).read().split("axes:")[0]  # name and base config
     text += textwrap.dedent(f"""
         output_root: {root}
-        train_script: {os.path.join(REPO, "tests", "stop_probe.py")}
+        train_script: {os.path.join(REPO, "tests", "end_to_end", "stop_probe.py")}
         env: {{MASKLAB_STOP_PROBE: "usr2@1"}}
         launcher: submitit-local
         parallel: 1

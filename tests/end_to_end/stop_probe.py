@@ -1,6 +1,6 @@
-"""train_net.py with a probe that sends a stop signal at a known point (tests/test_graceful_stop.py).
+"""train_net.py with a probe that sends a stop signal at a known point (tests/end_to_end/test_graceful_stop.py).
 
-    MASKLAB_STOP_PROBE=<kind>@<iteration> python tests/stop_probe.py <train_net.py arguments>
+    MASKLAB_STOP_PROBE=<kind>@<iteration> python tests/end_to_end/stop_probe.py <train_net.py arguments>
 
 It is also a train script for sweeps (it has train_net.py's ``main`` and
 ``build_argument_parser``). The signal comes from inside the run, at a chosen iteration, so the
@@ -32,7 +32,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 import train_net  # noqa: E402
 

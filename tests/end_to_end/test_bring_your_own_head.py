@@ -108,8 +108,12 @@ def test_a_head_of_ones_own_joins_a_suite_with_one_line(tmp_path, capsys):
     (tiny_line,) = [line for line in sweep_block.splitlines() if "TinyMaskHead" in line]
     assert "train_script:" in sweep_block
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    # The training subprocesses import this file as the guide's script imports "my_heads".
-    pythonpath = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    # The training subprocesses import this file as the guide's script imports "my_heads" (and
+    # it imports the tests' helpers).
+    helpers_dir = os.path.dirname(tests_dir)
+    pythonpath = os.pathsep.join(
+        filter(None, [tests_dir, helpers_dir, os.environ.get("PYTHONPATH")])
+    )
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""name: byoh
 base_config: {BASE}

@@ -71,7 +71,7 @@ def test_comparison_configs_share_one_cropping_convention():
     from masklab_d2.config import load_config
     from masklab_d2.utils.detectron2 import point_rend_available
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
     paths = [
         p
         for folder in ("shapes", "shapes-partial", "coco", "coco-voc-nonvoc")

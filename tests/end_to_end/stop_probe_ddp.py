@@ -1,6 +1,6 @@
-"""A 2-process CPU (gloo) training with graceful stops, for tests/test_graceful_stop.py.
+"""A 2-process CPU (gloo) training with graceful stops, for tests/end_to_end/test_graceful_stop.py.
 
-    python tests/stop_probe_ddp.py OUTPUT_DIR MAX_ITER STOP_AT [--resume]
+    python tests/end_to_end/stop_probe_ddp.py OUTPUT_DIR MAX_ITER STOP_AT [--resume]
 
 detectron2's launch (through masklab_d2.engine.launch) starts two ranks training a small linear
 model under DistributedDataParallel with detectron2's SimpleTrainer, LR scheduler hook and

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHAPES_PATH = REPO_ROOT / "masklab_d2" / "data" / "shapes.py"
 from conftest import HAS_DETECTRON2  # noqa: E402
 

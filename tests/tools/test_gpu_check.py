@@ -322,7 +322,7 @@ def test_a_test_step_where_every_test_skips_fails(tmp_path, monkeypatch):
 
 @no_gpu_only
 def test_the_cuda_tests_collect_and_skip_cleanly_without_a_gpu():
-    """Without a GPU every test of tests/test_ops_cuda.py skips (none errors at import or
+    """Without a GPU every test of tests/ops/test_ops_cuda.py skips (none errors at import or
     collection), and both of gpu_check's selections of them (``-k``) are non-empty."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", gpu_check.CUDA_TESTS[0], "-v", "-p", "no:cacheprovider"],
@@ -333,7 +333,7 @@ def test_the_cuda_tests_collect_and_skip_cleanly_without_a_gpu():
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    verdicts = r"^tests/test_ops_cuda.py::(.*) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
+    verdicts = r"^tests/ops/test_ops_cuda.py::(.*) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
     outcomes = re.findall(verdicts, result.stdout, re.MULTILINE)
     assert outcomes and {outcome for _, outcome in outcomes} == {"SKIPPED"}, result.stdout
     # -k matches a substring of the test's name (no class, marker or module says "inductor").
