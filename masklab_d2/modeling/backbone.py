@@ -14,6 +14,7 @@ or 2 only. These builders add what the mask-head experiments need, and nothing h
 With none of those options set, the networks (and their parameter names) are detectron2's.
 """
 
+import inspect
 from typing import Dict, List, Optional, Sequence
 
 import torch.nn.functional as F
@@ -214,37 +215,32 @@ def build_resnet_stage(cfg, stage_index: int, dilations: Sequence[int], first_st
 
 def hypercolumn_resnet(
     *,
-    depth: int,
     out_features: Sequence[str],
-    norm: str = "FrozenBN",
-    stem_out_channels: int = 64,
-    res2_out_channels: Optional[int] = None,
-    stride_in_1x1: bool = True,
-    num_groups: int = 1,
-    width_per_group: int = 64,
     res4_dilation: int = 1,
     res5_dilation: int = 1,
     res5_multi_grid: Sequence[int] = (),
     freeze_at: int = 0,
     in_channels: int = 3,
+    **widths,
 ) -> "HypercolumnResNet":
     """masklab_d2's ResNet: any width for R-18/34, atrous res4 / res5 with multi-grid rates, and
     a "conv1" output (module docstring); for LazyCall, and behind the YAML builders.
 
-    Arguments are the MODEL.RESNETS keys of the same names (``res2_out_channels`` defaults to
-    64 for R-18/34 and 256 otherwise, detectron2's widths) and MODEL.BACKBONE.FREEZE_AT.
+    Arguments are the MODEL.RESNETS keys of the same names and MODEL.BACKBONE.FREEZE_AT;
+    ``widths`` are :func:`resnet_stage`'s (``depth``, required, ``norm``, ``stem_out_channels``,
+    ``res2_out_channels``, ...), with its defaults.
     """
-    widths = dict(
-        depth=depth,
-        norm=norm,
-        stem_out_channels=stem_out_channels,
-        res2_out_channels=res2_out_channels,
-        stride_in_1x1=stride_in_1x1,
-        num_groups=num_groups,
-        width_per_group=width_per_group,
+    stage_parameters = inspect.signature(resnet_stage).parameters.values()
+    widths = {
+        **{p.name: p.default for p in stage_parameters if p.kind is p.KEYWORD_ONLY},
+        **widths,
+    }
+    if widths["depth"] is inspect.Parameter.empty:
+        raise TypeError("hypercolumn_resnet needs depth (MODEL.RESNETS.DEPTH)")
+    dilations = _stage_dilations(widths["depth"], res4_dilation, res5_dilation, res5_multi_grid)
+    stem = BasicStem(
+        in_channels=in_channels, out_channels=widths["stem_out_channels"], norm=widths["norm"]
     )
-    dilations = _stage_dilations(depth, res4_dilation, res5_dilation, res5_multi_grid)
-    stem = BasicStem(in_channels=in_channels, out_channels=stem_out_channels, norm=norm)
     stages = []
     for index, stage_dilations in enumerate(dilations):
         # A dilated stage keeps the resolution of the previous one instead of downsampling.
