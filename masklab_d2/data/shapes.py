@@ -1,5 +1,9 @@
 """Synthetic "shapes" instance-segmentation dataset: deterministic, seeded, COCO format.
 
+One file of about 700 lines on purpose: it runs alone (``python masklab_d2/data/shapes.py``, no
+torch, no detectron2, no package import), so its shapes, scenes, splits and cache cannot be split
+into modules of the package.
+
 This is the built-in default dataset of masklab_d2. Mask heads (Mask R-CNN, MaskLab, BlendMask,
 Deep-MARC) are trained and compared on it on CPU, including in the partially supervised protocol
 (masks for one group of classes, boxes for all, mask AP reported separately per group).

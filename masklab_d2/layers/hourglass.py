@@ -9,7 +9,10 @@ boxes only, a much deeper mask head generalises far better to classes that had n
     -> DeepMaskPredictor: ConvTranspose 2x2/2 (nc filters) + BN + ReLU -> 1x1 conv -> 64x64 logits
 
 This module holds only the torch networks: no detectron2, no other masklab_d2 import, so that the
-detectron2 adapter can wrap them and they can be tested on their own.
+detectron2 adapter can wrap them and they can be tested on their own. It is one module of about
+750 lines on purpose: both families of the paper (hourglass and ResNet-N), their shared blocks
+and the variant tables that name them are read side by side with the reference, whose layout it
+follows.
 
 Sources (summarised in the project's reference notes ``reference/deep_marc.md``, section 1, and
 checked against the TensorFlow code itself):

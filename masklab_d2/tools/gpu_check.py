@@ -1,5 +1,8 @@
 """One command that proves the CUDA path on a GPU machine within a 10-minute command limit.
 
+One module of about 600 lines on purpose: it is copied and run as is on a borrowed machine, and
+its steps, their limits and the summary they write are read together.
+
     python3 -m masklab_d2.tools.gpu_check [--out gpu_check] [--skip STEP ...] [--plan]
 
 Each step runs in its own process group under its own time limit; a step that runs over is
