@@ -492,6 +492,7 @@ def test_dense_semantic_loss_leaves_classes_without_masks_out_of_the_softmax():
     assert (grad[seen] > 0).all() and grad[-1] > 0
 
 
+@pytest.mark.detectron2
 def test_partial_masklab_configs_use_the_agnostic_semantic_input():
     import masklab_d2.modeling  # noqa: F401  (registers the heads and backbones)
     from masklab_d2.config import load_config
