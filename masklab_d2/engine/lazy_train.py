@@ -20,12 +20,11 @@ import weakref
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from fvcore.nn.precise_bn import get_bn_modules
 from torch import nn
 
 from masklab_d2 import config
@@ -33,11 +32,8 @@ from masklab_d2.data import register_coco_datasets
 from masklab_d2.modeling import MaskLabCheckpointer
 from masklab_d2.modeling.optim import module_lr_factors
 
-from .graceful_stop import (
-    GracefulStopHook,
-    evaluation_ends_on_signals,
-    spare_loader_workers,
-)
+from .graceful_stop import evaluation_ends_on_signals, spare_loader_workers
+from .hooks import training_hooks
 
 logger = logging.getLogger("masklab_d2")
 
@@ -139,37 +135,20 @@ def do_train(args, cfg) -> None:
     checkpointer = MaskLabCheckpointer(model, cfg.train.output_dir, trainer=weakref.proxy(trainer))
     precise_bn = cfg.train.get("precise_bn") or {}
     trainer.register_hooks(
-        [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            # Before the checkpointer and the evaluation, as in detectron2's DefaultTrainer.
-            (
-                hooks.PreciseBN(
-                    cfg.train.eval_period,
-                    model,
-                    _precise_bn_loader(cfg),
-                    precise_bn.get("num_iter", 200),
-                )
-                if precise_bn.get("enabled") and get_bn_modules(model)
-                else None
+        training_hooks(
+            model,
+            checkpointer,
+            periodic_checkpointer=cfg.train.checkpointer,
+            eval_period=cfg.train.eval_period,
+            test=lambda: do_test(cfg, model),
+            build_writers=lambda: default_writers(cfg.train.output_dir, cfg.train.max_iter),
+            log_period=cfg.train.log_period,
+            scheduler=instantiate(cfg.lr_multiplier),
+            precise_bn_loader=(
+                (lambda: _precise_bn_loader(cfg)) if precise_bn.get("enabled") else None
             ),
-            (
-                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-                if comm.is_main_process()
-                else None
-            ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-            (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
-                )
-                if comm.is_main_process()
-                else None
-            ),
-            # Last, so that the iteration it saves on a stop is complete.
-            GracefulStopHook(checkpointer),
-        ]
+            precise_bn_iters=precise_bn.get("num_iter", 200),
+        )
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     # A checkpoint holds the iteration that had just finished.

@@ -38,12 +38,8 @@ from ..evaluation import PartialCOCOEvaluator
 from ..modeling import MaskLabCheckpointer, freeze_detector, load_detector_weights
 from ..modeling.optim import module_lr_factors
 from ..utils.config_files import is_lazy_config
-from .graceful_stop import (
-    GracefulStopHook,
-    evaluation_ends_on_signals,
-    launch,
-    spare_loader_workers,
-)
+from .graceful_stop import evaluation_ends_on_signals, launch, spare_loader_workers
+from .hooks import training_hooks
 from .lazy_train import main as lazy_main
 
 logger = logging.getLogger("masklab_d2")
@@ -145,9 +141,28 @@ class Trainer(DefaultTrainer):
         self.checkpointer = MaskLabCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        # The stop hook last, so that the iteration it saves on a stop is complete (scheduler
-        # step included).
-        return super().build_hooks() + [GracefulStopHook()]
+        cfg = self.cfg
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(cfg, self.model)
+            return self._last_eval_results
+
+        def precise_bn_loader():
+            loader_cfg = cfg.clone()
+            loader_cfg.defrost()
+            loader_cfg.DATALOADER.NUM_WORKERS = 0  # as DefaultTrainer: saves memory and time
+            return self.build_train_loader(loader_cfg)
+
+        return training_hooks(
+            self.model,
+            self.checkpointer,
+            periodic_checkpointer=dict(period=cfg.SOLVER.CHECKPOINT_PERIOD),
+            eval_period=cfg.TEST.EVAL_PERIOD,
+            test=test_and_save_results,
+            build_writers=self.build_writers,
+            precise_bn_loader=precise_bn_loader if cfg.TEST.PRECISE_BN.ENABLED else None,
+            precise_bn_iters=cfg.TEST.PRECISE_BN.NUM_ITER,
+        )
 
     def resume_or_load(self, resume=True):
         """As DefaultTrainer's; a new head-only run loads the detector but not its mask branch."""

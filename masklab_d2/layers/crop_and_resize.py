@@ -203,10 +203,25 @@ def bilinear_sample_reference(
     # align_corners=True maps -1 / +1 to the first / last pixel centres.
     grid_x = 2 * x / (width - 1) - 1 if width > 1 else x * 0
     grid_y = 2 * y / (height - 1) - 1 if height > 1 else y * 0
-    grid = torch.stack([grid_x, grid_y], dim=-1).to(features.dtype)
-    sampled = F.grid_sample(
-        features[batch_index], grid, mode="bilinear", padding_mode="zeros", align_corners=True
-    )
+    grid = torch.stack([grid_x, grid_y], dim=-1).to(features.dtype)  # [K, S_h, S_w, 2]
+    num_boxes, out_h, out_w = y.shape
+    if num_boxes == 0:
+        return features.new_zeros(0, features.shape[1], out_h, out_w) + 0 * features.sum()
+    # One grid_sample per image over all its boxes' samples stacked as rows (indexing the map
+    # per box would copy it K times), then the boxes back in their order.
+    order, pieces = [], []
+    for n in batch_index.unique().tolist():
+        boxes = (batch_index == n).nonzero().squeeze(1)
+        sampled = F.grid_sample(
+            features[n : n + 1],
+            grid[boxes].reshape(1, -1, out_w, 2),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        )  # [1, C, K_n * S_h, S_w]
+        order.append(boxes)
+        pieces.append(sampled[0].unflatten(1, (boxes.numel(), out_h)).transpose(0, 1))
+    sampled = torch.cat(pieces)[torch.argsort(torch.cat(order))]
     return sampled * inside[:, None].to(features.dtype)
 
 

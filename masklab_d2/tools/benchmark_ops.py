@@ -16,8 +16,9 @@ Ops and baselines, all producing [K, C, S, S] from the same features and boxes:
 * ``roi_align``: torchvision's RoIAlign with ``sampling_ratio=1`` (one sample per bin, the same
   work). Its CPU kernels are serial scalar loops: a weak baseline, shown because detectron2 uses
   it.
-* ``grid_sample``: what a PyTorch user would write: per image, one ``F.grid_sample`` over all of
-  its boxes' sample grids (parallel, vectorised ATen code; no [K, C, H, W] expansion).
+* ``grid_sample``: the op's pure-PyTorch reference (``crop_and_resize_reference``, what a PyTorch
+  user would write): per image, one ``F.grid_sample`` over all of its boxes' sample grids
+  (parallel, vectorised ATen code; no [K, C, H, W] expansion), with RoIAlign's border rule.
 * ``crop_and_resize``, with gradients to the features, or to features and boxes.
 * ``deformable (G=g)``, gradients to features and offsets, and its baseline ``per-sub-box crops``:
   the G x G shifted sub-boxes of every box as K * G^2 plain crops of S/G samples in one call,
@@ -39,9 +40,12 @@ import statistics
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from masklab_d2.layers import crop_and_resize, deformable_crop_and_resize
+from masklab_d2.layers import (
+    crop_and_resize,
+    crop_and_resize_reference,
+    deformable_crop_and_resize,
+)
 from masklab_d2.utils.timing import wall_times_ms
 
 FPN_800x1216 = [(200, 304, 4), (100, 152, 8), (50, 76, 16), (25, 38, 32)]
@@ -67,40 +71,6 @@ def timed(fn: Callable[[], object], device: str, repeat: int) -> Tuple[float, fl
     del device  # the Timer synchronises CUDA itself
     times = wall_times_ms(fn, repeat, warmup=1)
     return min(times), statistics.median(times), max(times)
-
-
-def grid_sample_crops(features: torch.Tensor, rois: torch.Tensor, scale: float, size: int):
-    """crop_and_resize(aligned=True) inside the map, written with F.grid_sample per image."""
-    height, width = features.shape[-2:]
-    steps = torch.linspace(0, 1, size, device=rois.device, dtype=rois.dtype)
-    x1, y1, x2, y2 = (rois[:, i] * scale - 0.5 for i in range(1, 5))
-    xs = x1[:, None] + (x2 - x1)[:, None] * steps  # [K, S]
-    ys = y1[:, None] + (y2 - y1)[:, None] * steps
-    grid = torch.stack(
-        [
-            (2 * xs / (width - 1) - 1)[:, None, :].expand(-1, size, -1),
-            (2 * ys / (height - 1) - 1)[:, :, None].expand(-1, -1, size),
-        ],
-        dim=-1,
-    )  # [K, S, S, 2]
-    out = features.new_empty(rois.shape[0], features.shape[1], size, size)
-    batch_index = rois[:, 0].long()
-    pieces = []
-    for n in range(features.shape[0]):
-        keep = (batch_index == n).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            continue
-        sampled = F.grid_sample(
-            features[n : n + 1],
-            grid[keep].reshape(1, -1, size, 2).to(features.dtype),
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=True,
-        )  # [1, C, K_n * S, S]
-        pieces.append((keep, sampled[0].unflatten(1, (keep.numel(), size)).transpose(0, 1)))
-    if len(pieces) == 1 and pieces[0][0].numel() == rois.shape[0]:
-        return pieces[0][1]
-    return out.index_put((torch.cat([k for k, _ in pieces]),), torch.cat([p for _, p in pieces]))
 
 
 def sub_box_crops(features, rois, offsets, scale: float, size: int, gamma: float = 0.1):
@@ -186,7 +156,8 @@ def benchmark(
                 if "grid_sample" in ops:
                     cases.append(
                         ("grid_sample (per image)", "features", "baseline",
-                         lambda f: grid_sample_crops(f, rois, scale, size), [features])
+                         lambda f: crop_and_resize_reference(f, rois, scale, size, True),
+                         [features])
                     )  # fmt: skip
                 if "crop" in ops:
                     cases += [

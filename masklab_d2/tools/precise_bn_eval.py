@@ -24,17 +24,16 @@ import copy
 import logging
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
-from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+from fvcore.nn.precise_bn import get_bn_modules
 from tabulate import tabulate
 
 from masklab_d2.config import load_config
 from masklab_d2.data import PartialMaskDatasetMapper
+from masklab_d2.engine.hooks import precise_bn_hook
 from masklab_d2.evaluation import PartialCOCOEvaluator
 from masklab_d2.modeling import MaskLabCheckpointer, freeze_detector
 
@@ -65,12 +64,15 @@ def recompute_bn_statistics(cfg, model, num_iter: int) -> int:
     """
     model.train()
     layers = get_bn_modules(model)
-    if layers:
-        loader = iter(
-            build_detection_train_loader(cfg, mapper=PartialMaskDatasetMapper(cfg, is_train=True))
-        )
-        with EventStorage(), torch.no_grad():
-            update_bn_stats(model, (next(loader) for _ in range(num_iter)), num_iter)
+    hook = precise_bn_hook(
+        model,
+        lambda: build_detection_train_loader(
+            cfg, mapper=PartialMaskDatasetMapper(cfg, is_train=True)
+        ),
+        num_iter,
+    )
+    if hook is not None:
+        hook.update_stats()
     model.eval()
     return len(layers)
 

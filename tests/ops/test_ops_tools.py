@@ -7,16 +7,26 @@ from masklab_d2.tools import benchmark_ops
 
 
 def test_benchmark_baselines_compute_the_same_crops():
-    """The grid_sample and per-sub-box baselines equal the ops they stand in for (inside the
-    map, where the conventions agree), so the table compares equal work."""
+    """The grid_sample baseline (the op's reference, one grid_sample per image, boxes of the
+    images interleaved and crossing the border) and the per-sub-box baseline equal the ops they
+    stand in for, so the table compares equal work."""
     g = torch.Generator().manual_seed(50)
     features = torch.randn(2, 3, 20, 24, generator=g, dtype=torch.float64)
     xy = torch.rand(6, 2, generator=g, dtype=torch.float64) * 20 + 4
     rois = torch.cat([torch.tensor([[0.0], [1], [0], [1], [1], [0]]), xy, xy + 12], dim=1)
-    crops = benchmark_ops.grid_sample_crops(features, rois, 0.5, 7)
-    from masklab_d2.layers import crop_and_resize, deformable_crop_and_resize
+    from masklab_d2.layers import (
+        crop_and_resize,
+        crop_and_resize_reference,
+        deformable_crop_and_resize,
+    )
 
-    torch.testing.assert_close(crops, crop_and_resize(features, rois, 0.5, 7, True))
+    border = rois.clone()
+    border[:, 1:] -= 8  # half the boxes start outside the map
+    for boxes in (rois, border):
+        torch.testing.assert_close(
+            crop_and_resize_reference(features, boxes, 0.5, 7, True),
+            crop_and_resize(features, boxes, 0.5, 7, True),
+        )
     offsets = 0.3 * torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(
         benchmark_ops.sub_box_crops(features, rois, offsets, 0.5, 6),
