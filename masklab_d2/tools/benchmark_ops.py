@@ -66,10 +66,9 @@ def parse_maps(names: Sequence[str]) -> List[Tuple[int, int, int]]:
     return maps
 
 
-def timed(fn: Callable[[], object], device: str, repeat: int) -> Tuple[float, float, float]:
+def timed(fn: Callable[[], object], repeat: int) -> Tuple[float, float, float]:
     """(min, median, max) wall time of fn() in milliseconds, after one warm-up call."""
-    del device  # the Timer synchronises CUDA itself
-    times = wall_times_ms(fn, repeat, warmup=1)
+    times = wall_times_ms(fn, repeat, warmup=1)  # the Timer synchronises CUDA itself
     return min(times), statistics.median(times), max(times)
 
 
@@ -97,14 +96,14 @@ def sub_box_crops(features, rois, offsets, scale: float, size: int, gamma: float
     return crops.reshape(num_boxes, -1, size, size)
 
 
-def _case_times(forward, inputs, device, repeat) -> Dict[str, Tuple[float, float, float]]:
+def _case_times(forward, inputs, repeat) -> Dict[str, Tuple[float, float, float]]:
     """inputs[0] is the feature map; every input in the list gets a gradient."""
-    forward_ms = timed(lambda: forward(*[x.detach() for x in inputs]), device, repeat)
+    forward_ms = timed(lambda: forward(*[x.detach() for x in inputs]), repeat)
     leaves = [x.detach().requires_grad_() for x in inputs]
     output = forward(*leaves)
     grad = torch.randn_like(output)
     backward_ms = timed(
-        lambda: torch.autograd.grad(output, leaves, grad, retain_graph=True), device, repeat
+        lambda: torch.autograd.grad(output, leaves, grad, retain_graph=True), repeat
     )
     return {"forward": forward_ms, "backward": backward_ms}
 
@@ -179,7 +178,7 @@ def benchmark(
                     if device == "cpu":
                         torch.set_num_threads(count)
                     timings = [
-                        (op, grads, role, _case_times(fn, inputs, device, repeat))
+                        (op, grads, role, _case_times(fn, inputs, repeat))
                         for op, grads, role, fn, inputs in cases
                     ]
                     baseline = {

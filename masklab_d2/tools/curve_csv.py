@@ -1,12 +1,7 @@
-"""The evaluation curve of one training run (its metrics.json) as a CSV, for publishing beside a
-suite (e.g. the shared detector's)::
+"""The evaluation curve of one training run (its metrics.json) as a CSV (docs/sweeps.md)::
 
     python3 -m masklab_d2.tools.curve_csv output/shapes-partial/mask_rcnn_R_18_FPN_gtcrop \
         projects/shapes-partial-heads/detector_curve.csv
-
-One row per evaluation (iteration order; a resumed run's repeated iterations count once): box,
-mask and Boundary AP, and each class group's mask and Boundary AP where the evaluator reported
-them (seen / unseen, voc / nonvoc), 3 decimals, on the run's first test set.
 """
 
 import argparse
@@ -20,19 +15,20 @@ _ORDER = ("bbox/AP", "segm/AP", "boundary/AP")
 
 
 def curve_rows(output_dir: str) -> List[dict]:
-    """{"iteration", metric: value} per evaluation of the run in ``output_dir``."""
+    """{"iteration", metric: value} per evaluation of the run in ``output_dir``: the headline AP
+    of each task and class group ("segm/AP", "segm/unseen/AP", ...) on its first test set."""
     datasets = (run_config(output_dir).get("DATASETS") or {}).get("TEST") or ()
     records = evaluation_records(primary_metrics(read_metrics(output_dir), datasets))
+    tasks = ("bbox/", "segm/", "boundary/")
     return [
-        {"iteration": r["iteration"], **{k: v for k, v in r.items() if _reported(k)}}
+        {
+            k: v
+            for k, v in r.items()
+            if k == "iteration" or k.endswith("/AP") and k.startswith(tasks)
+        }
         for r in records
         if "iteration" in r
     ]
-
-
-def _reported(key: str) -> bool:
-    # The headline AP of each task and class group: "segm/AP", "segm/unseen/AP", ...
-    return key.endswith("/AP") and key.split("/")[0] in ("bbox", "segm", "boundary")
 
 
 def write_curve(output_dir: str, path: str) -> List[dict]:
@@ -45,12 +41,9 @@ def write_curve(output_dir: str, path: str) -> List[dict]:
         writer = csv.writer(f)
         writer.writerow(["iteration"] + keys)
         for row in rows:
-            writer.writerow([row["iteration"]] + [_text(row.get(k)) for k in keys])
+            values = [row.get(k) for k in keys]
+            writer.writerow([row["iteration"]] + ["" if v is None else f"{v:.3f}" for v in values])
     return rows
-
-
-def _text(value) -> str:
-    return "" if value is None else f"{value:.3f}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

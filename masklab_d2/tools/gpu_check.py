@@ -1,42 +1,26 @@
 """One command that proves the CUDA path on a GPU machine within a 10-minute command limit.
 
-One module of about 600 lines on purpose: it is copied and run as is on a borrowed machine, and
-its steps, their limits and the summary they write are read together.
-
     python3 -m masklab_d2.tools.gpu_check [--out gpu_check] [--skip STEP ...] [--plan]
 
-Each step runs in its own process group under its own time limit; a step that runs over is
-killed with its whole group (loader workers included). ``summary.md`` in ``--out`` is rewritten
-atomically before and after every step, so a run killed from outside keeps every finished step
-and names the one it was in. The limits add up to 550 s and no step runs past ``--budget``
-(570 s after the start). ``--plan`` prints every command without running anything. The build's
-objects and the trainings' checkpoints go to ``build/gpu_check`` and ``output/gpu_check``
-(ignored, emptied first), not to ``--out``, which holds logs, tables and metrics only.
+Each step runs in its own process group under its own time limit (docs/ops.md says how); the
+limits add up to 550 s and no step runs past ``--budget`` (570 s after the start). ``--plan``
+prints every command without running anything. ``summary.md`` in ``--out`` is rewritten before
+and after every step. Steps, as "name (limit / expected time)"; the expected times are estimates
+for one H200 with 16 CPU cores (nothing here has run on a GPU yet). In all 225-400 s.
 
-Steps, as "name (limit / expected time)". The expected times are estimates for one H200 with 16
-CPU cores, read off the work each step does: nothing here has run on a GPU yet. In all 225-400 s.
-
-* build (140 s / 60-100 s): ``setup.py build_ext --inplace --force`` in a fresh build folder,
-  with ``TORCH_CUDA_ARCH_LIST`` set to this GPU's compute capability and ``FORCE_CUDA=1`` (no
-  silent CPU-only build, no leftover build reused); then a fresh interpreter must load a ``_C``
-  that has CUDA kernels, was built for that list after the step began, and runs on the GPU.
-* tests (100 s / 40-70 s): the CUDA tests of ``tests/ops/test_ops_cuda.py`` and
-  ``tests/ops/test_ops_nonfinite.py`` (non-finite factors, overflow, clamped-axis gradients, ``grad``
-  on another device) except the inductor tests: CPU == CUDA
-  forward and every gradient on random and exact-border boxes (samples at -1, H-1 and H) for
-  both ops in fp32/fp64/fp16/bf16, NCHW and channels-last; gradcheck on CUDA in float64; no host
-  sync; the determinism alert; CUDA graph capture; opcheck; device-side asserts; > 2^31 outputs.
+* build (140 s / 60-100 s): a forced in-place build for this GPU's compute capability
+  (``FORCE_CUDA=1``, fresh build folder); a fresh interpreter must then load a ``_C`` with CUDA
+  kernels, built for that architecture after the step began, that runs on the GPU.
+* tests (100 s / 40-70 s): the CUDA tests of ``tests/ops`` (docs/ops.md) but the inductor ones.
   Tables ``tests.md`` and ``tests.xml`` (JUnit).
-* compile (90 s / 30-60 s): ``tests/ops/test_ops_cuda.py -k inductor``: ``torch.compile`` (inductor,
-  fullgraph) forward and backward of both ops on CUDA equal eager. ``compile.md``.
-* train (120 s / 60-100 s): the README's main job (``configs/shapes/mask_rcnn_R_18_FPN.yaml``)
-  for 300 iterations on the GPU, then its one evaluation (precise BN, ``shapes_tiny_val``); the
-  loss must fall and box and mask AP be finite. Needs detectron2 (skipped without it).
+* compile (90 s / 30-60 s): the inductor ones: ``torch.compile`` forward and backward of both ops
+  on CUDA equal eager. ``compile.md``.
+* train (120 s / 60-100 s): the README's main job for 300 iterations on the GPU, then its one
+  evaluation; the loss must fall and box and mask AP be finite. Needs detectron2.
 * heads (60 s / 25-45 s): the 4-conv, MaskLab, BlendMask and Deep-MARC (HG-52) heads trained
   head-only on that detector for 20 iterations each, the four at once.
 * benchmark (40 s / 10-25 s): ``benchmark_ops --devices cuda`` on the FPN maps of an 800x1216
-  image, crops 7 and 14, NCHW and channels-last, against torchvision's CUDA roi_align.
-  ``benchmark_cuda.md``.
+  image against torchvision's CUDA roi_align. ``benchmark_cuda.md``.
 
 Exit status: 0 every step passed; 1 a step failed or ran over its limit; 2 no CUDA device is
 visible (said at once, nothing run); 3 the build gave no usable CUDA kernels (nothing else run);
@@ -45,6 +29,7 @@ visible (said at once, nothing run); 3 the build gave no usable CUDA kernels (no
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -61,8 +46,6 @@ import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Bulky by-products stay out of --out (which a GPU session copies back): the build's objects and
-# the trainings' checkpoints go to ignored folders of the repository, emptied before each use.
 BUILD_TEMP = os.path.join(REPO, "build", "gpu_check")
 TRAIN_DIR = os.path.join(REPO, "output", "gpu_check")
 BUDGET_S = 570  # 9.5 minutes: the rest of a 10-minute command limit is start-up and margin
@@ -81,6 +64,8 @@ CUDA_TESTS = ("tests/ops/test_ops_cuda.py", "tests/ops/test_ops_nonfinite.py")
 TESTS_SELECTION, COMPILE_SELECTION = "not inductor", "inductor"
 MAIN_CONFIG = "configs/shapes/mask_rcnn_R_18_FPN.yaml"  # the README's main job
 TRAIN_ITERS, HEAD_ITERS = 300, 20
+DETECTOR = os.path.join(TRAIN_DIR, "train", "model_final.pth")  # the heads' frozen detector
+NO_DETECTRON2 = "skipped: detectron2 is not installed"
 HEAD_CONFIGS = [
     ("4-conv", "configs/shapes/mask_rcnn_R_18_FPN.yaml"),
     ("MaskLab", "configs/shapes/masklab_R_18_FPN.yaml"),
@@ -132,18 +117,11 @@ def _raise_stopped(signum, _frame):
     raise Stopped(signum)
 
 
-# ------------------------------------------------------------------------ running commands
-
 Command = Tuple[List[str], str, Optional[Dict[str, str]]]  # argv, log path, environment
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    # SIGKILL, not SIGTERM: detectron2's training loader workers ignore SIGTERM by design.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
+# A process group of its own (killed whole), no input, output and errors into one log.
+DETACHED = dict(
+    cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+)
 
 
 def run_commands(commands: Sequence[Command], timeout: float) -> List[Optional[int]]:
@@ -158,19 +136,8 @@ def run_commands(commands: Sequence[Command], timeout: float) -> List[Optional[i
     try:
         for argv, log_path, env in commands:
             logs.append(open(log_path, "w"))
-            logs[-1].write("$ " + shlex.join(argv) + "\n")
-            logs[-1].flush()
-            processes.append(
-                subprocess.Popen(
-                    argv,
-                    cwd=REPO,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logs[-1],
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            print("$", shlex.join(argv), file=logs[-1], flush=True)
+            processes.append(subprocess.Popen(argv, env=env, stdout=logs[-1], **DETACHED))
         codes = []
         for process in processes:
             try:
@@ -180,8 +147,11 @@ def run_commands(commands: Sequence[Command], timeout: float) -> List[Optional[i
         return codes
     finally:
         # Also after a normal exit: nothing a step left behind may compete with the next step.
+        # SIGKILL, not SIGTERM: detectron2's training loader workers ignore SIGTERM by design.
         for process in processes:
-            _kill_group(process)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         for log in logs:
             log.close()
 
@@ -206,22 +176,11 @@ def _tail(path: str, lines: int = 20) -> str:
     return "```\n" + "\n".join(text) + "\n```\n"
 
 
-def _detectron2_missing() -> str:
-    """Why a training step is skipped, or "" (train_net.py runs in this same Python)."""
-    return "" if importlib.util.find_spec("detectron2") else "skipped: detectron2 is not installed"
-
-
-# ----------------------------------------------------------------------------------- build
-
-
 def build_command(arch: str) -> Tuple[List[str], Dict[str, str]]:
-    """A forced in-place build for one architecture, in a build folder of its own.
-
-    ``--force``: setuptools skips an extension whose in-place ``.so`` is newer than its sources,
-    whatever ``TORCH_CUDA_ARCH_LIST`` or ``WITH_CUDA`` now say, so a leftover CPU-only build would
-    come back. ``FORCE_CUDA=1``: setup.py fails when it finds no matching toolkit instead of
-    quietly building the CPU kernels alone (and ``MASKLAB_CPU_ONLY`` is dropped).
-    """
+    """A forced in-place build for one architecture, in a build folder of its own: without
+    ``--force`` setuptools keeps an in-place ``.so`` newer than its sources (a leftover CPU-only
+    build); with ``FORCE_CUDA=1`` setup.py fails where it finds no toolkit instead of quietly
+    building the CPU kernels alone."""
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, FORCE_CUDA="1")
     env.pop("MASKLAB_CPU_ONLY", None)
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
@@ -277,9 +236,6 @@ def step_build(ctx: Context, timeout: float) -> Outcome:
     return Outcome(f"FAILED: {problem}" if problem else "passed", details, "build.log")
 
 
-# ----------------------------------------------------------------------------------- tests
-
-
 def _junit_cases(xml_path: str) -> List[Tuple[str, str, float]]:
     """(test, "passed" / "FAILED" / "skipped: why", seconds) per test of a JUnit file."""
     import xml.etree.ElementTree as ElementTree
@@ -301,11 +257,10 @@ def _junit_cases(xml_path: str) -> List[Tuple[str, str, float]]:
 
 def junit_table(xml_path: str) -> str:
     """A Markdown table of a JUnit file: one row per test, failures first."""
-    cases = _junit_cases(xml_path)
-    if not cases and not os.path.exists(xml_path):
+    if not os.path.exists(xml_path):
         return "(no JUnit file)\n"
     lines = ["| test | status | s |", "|---|---|---|"]
-    for name, status, seconds in sorted(cases, key=lambda case: case[1] != "FAILED"):
+    for name, status, seconds in sorted(_junit_cases(xml_path), key=lambda c: c[1] != "FAILED"):
         lines.append(f"| {name} | {status} | {seconds:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -333,9 +288,6 @@ def pytest_step(name: str, selection: str) -> Callable[[Context, float], Outcome
         return Outcome(status, head + table + tail, name + ".md")
 
     return run
-
-
-# -------------------------------------------------------------------------------- training
 
 
 def training_report(path: str, iterations: int, loss_key: str, evaluated: bool) -> Tuple[str, str]:
@@ -396,7 +348,7 @@ def train_command(cpus: int) -> List[str]:
 def head_command(name: str, config: str, cpus: int) -> List[str]:
     return [sys.executable, "train_net.py", "--config-file", config, "MODEL.DEVICE", "cuda",
             "MODEL.FREEZE_DETECTOR", "True",
-            "MODEL.WEIGHTS", os.path.join(TRAIN_DIR, "train", "model_final.pth"),
+            "MODEL.WEIGHTS", DETECTOR,
             "SOLVER.MAX_ITER", str(HEAD_ITERS), "SOLVER.CHECKPOINT_PERIOD", "1000000",
             "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "TEST.PRECISE_BN.ENABLED", "False",
             "DATALOADER.NUM_WORKERS", str(max(1, min(3, cpus // 5))), "SEED", "0",
@@ -414,8 +366,8 @@ def _keep_metrics(run: str, out: str, name: str) -> str:
 
 
 def step_train(ctx: Context, timeout: float) -> Outcome:
-    if _detectron2_missing():
-        return Outcome(_detectron2_missing())
+    if not importlib.util.find_spec("detectron2"):  # train_net.py runs in this same Python
+        return Outcome(NO_DETECTRON2)
     shutil.rmtree(TRAIN_DIR, ignore_errors=True)  # metrics.json appends to an old one
     log = os.path.join(ctx.out, "train.log")
     status = run_one(train_command(ctx.cpus), log, timeout)
@@ -430,9 +382,9 @@ def step_train(ctx: Context, timeout: float) -> Outcome:
 
 
 def step_heads(ctx: Context, timeout: float) -> Outcome:
-    if _detectron2_missing():
-        return Outcome(_detectron2_missing())
-    if not os.path.exists(os.path.join(TRAIN_DIR, "train", "model_final.pth")):
+    if not importlib.util.find_spec("detectron2"):
+        return Outcome(NO_DETECTRON2)
+    if not os.path.exists(DETECTOR):
         return Outcome("skipped: no detector to freeze (the train step saved no model_final.pth)")
     for name, _ in HEAD_CONFIGS:
         shutil.rmtree(os.path.join(TRAIN_DIR, name), ignore_errors=True)
@@ -449,9 +401,6 @@ def step_heads(ctx: Context, timeout: float) -> Outcome:
             tails += f"\n{name}:\n{_tail(log, 12)}"
     status = "FAILED: " + "; ".join(failures) if failures else "passed"
     return Outcome(status, details + tails, "head_*.log")
-
-
-# ------------------------------------------------------------------------------- benchmark
 
 
 def benchmark_command(out: str) -> List[str]:
@@ -481,9 +430,6 @@ PLAN = [
     Step("heads", 60, (25, 45), step_heads),
     Step("benchmark", 40, (10, 25), step_benchmark),
 ]
-
-
-# -------------------------------------------------------------------------- plan and summary
 
 
 def exit_code(records: Sequence[Record]) -> int:

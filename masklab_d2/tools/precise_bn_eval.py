@@ -4,19 +4,8 @@ with precise statistics recomputed on training batches (detectron2's PreciseBN, 
     python -m masklab_d2.tools.precise_bn_eval --config-file CONFIG.yaml \
         --weights output/run/model_final.pth [--num-iter 100] [--markdown out.md] [KEY VALUE ...]
 
-A BatchNorm's running statistics are an exponential moving average whose momentum decides how
-many recent batches they remember: Deep-MARC's hourglass heads use the reference's Keras
-momentum 0.1 (PyTorch 0.9), so they hold essentially the last training batch, while its ResNet-N
-heads keep a long average. Evaluating both as trained compares heads whose eval-time
-normalisation differs; precise statistics (the exact mean of the per-batch statistics over
-``--num-iter`` training batches, the model otherwise unchanged) remove that difference. This
-tool measures how much it changes a trained model's numbers; configs that train with
-``TEST.PRECISE_BN.ENABLED`` get precise statistics before every evaluation.
-
-Only BatchNorm layers in training mode are recomputed, as detectron2's hook does: frozen
-(FrozenBatchNorm) layers, e.g. a frozen detector's under head-only training, stay as they are.
-Prints one row per evaluation: box AP, mask AP, and mask AP of every class group, each mask AP
-with its Boundary AP beside it where the evaluator reports it.
+Only BatchNorm layers in training mode are recomputed, as detectron2's hook does (a frozen
+detector's stay as they are); why this matters for Deep-MARC's heads: docs/tools.md.
 """
 
 import argparse
@@ -24,7 +13,6 @@ import copy
 import logging
 from typing import Dict, List, Optional, Sequence
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -32,25 +20,20 @@ from fvcore.nn.precise_bn import get_bn_modules
 from tabulate import tabulate
 
 from masklab_d2.config import load_config
-from masklab_d2.data import PartialMaskDatasetMapper
 from masklab_d2.engine.hooks import precise_bn_hook
+from masklab_d2.engine.trainer import Trainer
 from masklab_d2.evaluation import PartialCOCOEvaluator
 from masklab_d2.modeling import MaskLabCheckpointer, freeze_detector
+from masklab_d2.tools.sweeps.report import table_keys
 
 logger = logging.getLogger("masklab_d2.precise_bn_eval")
 
 
-def evaluate(cfg, model, dataset_name: str, output_dir: Optional[str] = None) -> Dict[str, float]:
-    """Box / mask / Boundary AP (and per class group) of ``model`` on one test set, flattened."""
-    loader = build_detection_test_loader(
-        cfg, dataset_name, mapper=PartialMaskDatasetMapper(cfg, is_train=False)
-    )
+def evaluate(cfg, model, dataset_name: str) -> Dict[str, float]:
+    """Box / mask / Boundary AP (and per class group) on one test set, flattened; no files."""
+    loader = Trainer.build_test_loader(cfg, dataset_name)
     evaluator = PartialCOCOEvaluator(
-        dataset_name,
-        cfg,
-        True,
-        output_dir=output_dir,
-        mask_train_classes=cfg.DATASETS.MASK_TRAIN_CLASSES,
+        dataset_name, cfg, True, mask_train_classes=cfg.DATASETS.MASK_TRAIN_CLASSES
     )
     results = inference_on_dataset(model, loader, evaluator)
     return {f"{task}/{k}": v for task, metrics in results.items() for k, v in metrics.items()}
@@ -64,13 +47,7 @@ def recompute_bn_statistics(cfg, model, num_iter: int) -> int:
     """
     model.train()
     layers = get_bn_modules(model)
-    hook = precise_bn_hook(
-        model,
-        lambda: build_detection_train_loader(
-            cfg, mapper=PartialMaskDatasetMapper(cfg, is_train=True)
-        ),
-        num_iter,
-    )
+    hook = precise_bn_hook(model, lambda: Trainer.build_train_loader(cfg), num_iter)
     if hook is not None:
         hook.update_stats()
     model.eval()
@@ -109,12 +86,8 @@ def format_rows(rows: Sequence[Dict[str, object]], tablefmt: str = "pipe") -> st
         - {"segm/AP"}
     )
     reported = {k for row in rows for k in row}
-    keys = ["bbox/AP"]
-    for key in mask_keys:
-        keys.append(key)
-        twin = "boundary/" + key[len("segm/") :]
-        if twin in reported:
-            keys.append(twin)
+    keys, twins = table_keys(["bbox/AP"] + mask_keys)
+    keys = [k for k in keys if k not in twins or k in reported]
     table = [
         [row["statistics"], row["dataset"]]
         + [f"{row[k]:.2f}" if isinstance(row.get(k), float) else "-" for k in keys]

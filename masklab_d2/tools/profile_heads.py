@@ -4,49 +4,17 @@
         [--detections 10 50 100] [--device cpu cuda] [--repeat 5] [--warmup 2] \
         [--markdown out.md] [--opts KEY VALUE ...]
 
-Each config's mask branch is built through detectron2 from the YAML (``build_model``, random
-weights, ``MODEL.WEIGHTS`` ignored) and run in eval mode, as at inference, on one image
-(``--image-size H [W]``, default 256) with D random detections (``pred_boxes``, ``pred_classes``,
-``scores``) and random feature maps shaped like the backbone's outputs for that image
-(``ROI_MASK_HEAD.IN_FEATURES``, else ``ROI_HEADS.IN_FEATURES``). The branch is everything the ROI
-heads run for masks: the mask pooler (RoIAlign of Mask R-CNN, Deep-MARC) and the head, or the
-head alone when it crops for itself (``POOLER_TYPE: ""``: MaskLab, BlendMask, PointRend) -- so
-every row includes its cropping, per-image work such as BlendMask's bottom module, and
-PointRend's whole subdivision inference (its point sampling counted as ``aten::grid_sampler``).
-
-A config entry may carry overrides for that entry alone, ``PATH@KEY=VALUE[@KEY=VALUE...]``
-(e.g. ``deep_marc_R_50_FPN_hg52_1x.yaml@MODEL.DEEP_MARC.NETWORK=hourglass20``); ``--opts``
-apply to every entry.
-
-Columns:
-
-* params: parameters of the mask branch.
-* GFLOPs: fvcore's ``FlopCountAnalysis`` of one forward pass, in its convention: one fused
-  multiply-add counts as one FLOP (so these are GMACs); convolutions, matmuls, norms and
-  interpolation are counted, element-wise ops (ReLU, sigmoid, additions) are not. Added handles:
-  ``masklab::crop_and_resize`` and ``masklab::deformable_crop_and_resize`` count bilinear sampling
-  as 4 multiply-adds per output element per channel (as fvcore counts ``aten::grid_sampler``),
-  ``torchvision::roi_align`` the same per sampling point (``sampling_ratio``^2 points per bin; an
-  adaptive ratio of 0 is counted as 1 point, a lower bound).
-* ms: latency per image, the median of ``--repeat`` timed runs after ``--warmup`` runs, under
-  ``torch.no_grad()``; CUDA runs are synchronised.
-* peak MB: extra memory while the head runs with the largest D. CUDA:
-  ``torch.cuda.max_memory_allocated`` minus the memory allocated before the run. CPU: increase of
-  the process's peak resident set size (Linux ``VmHWM``, reset to the current RSS through
-  ``/proc/self/clear_refs`` after ``malloc_trim`` returned freed heap memory to the system), so it
-  includes allocator and oneDNN scratch memory; ``tracemalloc`` is not used because it does not
-  see tensor allocations. Where ``clear_refs`` cannot be written the fallback is the increase of
-  ``resource.getrusage().ru_maxrss``, which stays 0 unless the run sets a new process peak; such
-  values are marked with ">=".
-
-Latencies depend on the machine and its load: compare rows from one run, and say how many
-threads were used (``OMP_NUM_THREADS`` / ``torch.get_num_threads()``, printed with the table).
+Each config's mask branch (mask pooler and head, or the head alone when it crops for itself) is
+built through detectron2 from the YAML with random weights and run in eval mode on one image with
+D random detections and random feature maps. A config entry may carry overrides for itself alone,
+``PATH@KEY=VALUE[@KEY=VALUE...]``; ``--opts`` apply to every entry. What each column measures, and
+how: docs/tools.md.
 """
 
 import argparse
 import contextlib
 import ctypes
-import logging
+import math
 import os
 import resource
 import statistics
@@ -59,14 +27,7 @@ from torch import nn
 
 from masklab_d2.utils.timing import wall_times_ms
 
-logger = logging.getLogger("masklab_d2.tools.profile_heads")
 
-DEFAULT_DETECTIONS = (10, 50, 100)
-
-
-# ------------------------------------------------------------------------------------------------
-# Building the head and its inputs
-# ------------------------------------------------------------------------------------------------
 def split_config_entry(entry: str) -> Tuple[str, List[str]]:
     """``PATH@KEY=VALUE@...`` -> (PATH, [KEY, VALUE, ...])."""
     path, *overrides = entry.split("@")
@@ -79,17 +40,6 @@ def split_config_entry(entry: str) -> Tuple[str, List[str]]:
     return path, opts
 
 
-def branch_config(config_file: str, opts: Sequence[str], device: str):
-    """The config of ``config_file`` and ``opts``, for a randomly initialised mask branch."""
-    from masklab_d2.config import load_config
-
-    cfg = load_config(config_file, opts)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.MASK_ON = True
-    return cfg
-
-
 class MaskBranch(nn.Module):
     """A config's mask branch (pooler and head, or the head alone) with what it needs to run.
 
@@ -99,6 +49,7 @@ class MaskBranch(nn.Module):
         in_features: names of the feature maps the branch reads.
         feature_shapes: backbone ShapeSpec per feature name.
         num_classes: ROI_HEADS.NUM_CLASSES (for random pred_classes).
+        head_description, input_description: the table's "head" and "input" cells.
     """
 
     def __init__(self, cfg):
@@ -107,7 +58,7 @@ class MaskBranch(nn.Module):
         import masklab_d2.modeling  # noqa: F401  (registration)
 
         super().__init__()
-        model = build_model(cfg)
+        model = build_model(cfg)  # only its mask branch is kept
         roi_heads = model.roi_heads
         if not getattr(roi_heads, "mask_on", False):
             raise ValueError("the config's ROI heads have no mask branch")
@@ -116,33 +67,28 @@ class MaskBranch(nn.Module):
         self.in_features = list(roi_heads.mask_in_features)
         self.feature_shapes = model.backbone.output_shape()
         self.num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        self.name = cfg.MODEL.ROI_MASK_HEAD.NAME
-        self.pooler_description = (
-            f"{cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE} {cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION}"
-            if self.pooler is not None
-            else ""
-        )
+        mask_cfg, summary = cfg.MODEL.ROI_MASK_HEAD, self.head.extra_repr()
+        self.head_description = f"{mask_cfg.NAME} ({summary})" if summary else mask_cfg.NAME
+        self.input_description = ",".join(self.in_features)
+        if self.pooler is not None:
+            pooler = f"{mask_cfg.POOLER_TYPE} {mask_cfg.POOLER_RESOLUTION}"
+            self.input_description = f"{pooler} on {self.input_description}"
         self.eval()
-        del model  # only the mask branch is kept
-
-    @property
-    def input_description(self) -> str:
-        features = ",".join(self.in_features)
-        return f"{self.pooler_description} on {features}" if self.pooler_description else features
 
     def forward(self, features: Dict[str, torch.Tensor], instances):
         """As PartialROIHeads runs the mask branch at inference."""
-        if self.pooler is not None:
-            pooled = self.pooler(
-                [features[f] for f in self.in_features], [x.pred_boxes for x in instances]
-            )
-            return self.head(pooled, instances)
-        return self.head(features, instances)
+        if self.pooler is None:
+            return self.head(features, instances)
+        boxes = [x.pred_boxes for x in instances]
+        return self.head(self.pooler([features[f] for f in self.in_features], boxes), instances)
 
     def random_inputs(
         self, num_detections: int, image_size: Tuple[int, int], device: str, seed: int = 0
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """(feature maps, instance fields) of one image with ``num_detections`` random boxes."""
+    ) -> Tuple[Dict[str, torch.Tensor], Callable[[], object]]:
+        """(feature maps, a function that makes fresh Instances) of one image with
+        ``num_detections`` random boxes (fresh: the head writes pred_masks into them)."""
+        from detectron2.structures import Boxes, Instances
+
         generator = torch.Generator().manual_seed(seed)
         height, width = image_size
         features = {}
@@ -154,56 +100,32 @@ class MaskBranch(nn.Module):
         scale = torch.tensor([width, height], dtype=torch.float32)
         xy = torch.rand(num_detections, 2, generator=generator) * scale * 0.7
         wh = torch.rand(num_detections, 2, generator=generator) * scale * 0.45 + 8
-        boxes = torch.cat([xy, torch.minimum(xy + wh, scale)], dim=1)
-        fields = {
-            "pred_boxes": boxes.to(device),
-            "pred_classes": torch.randint(
-                self.num_classes, (num_detections,), generator=generator
-            ).to(device),
-            "scores": torch.rand(num_detections, generator=generator).to(device),
-        }
-        return features, fields
-
-
-def make_instances(fields: Dict[str, torch.Tensor], image_size: Tuple[int, int]):
-    """Fresh detectron2 Instances (the head writes pred_masks into them)."""
-    from detectron2.structures import Boxes, Instances
-
-    instances = Instances(tuple(image_size))
-    instances.pred_boxes = Boxes(fields["pred_boxes"])
-    instances.pred_classes = fields["pred_classes"]
-    instances.scores = fields["scores"]
-    return instances
+        boxes = torch.cat([xy, torch.minimum(xy + wh, scale)], dim=1).to(device)
+        classes = torch.randint(self.num_classes, (num_detections,), generator=generator).to(device)
+        scores = torch.rand(num_detections, generator=generator).to(device)
+        return features, lambda: Instances(
+            tuple(image_size), pred_boxes=Boxes(boxes), pred_classes=classes, scores=scores
+        )
 
 
 class _TracedBranch(nn.Module):
     """Wraps branch(features, [instances]) as a module of tensors only, for fvcore's tracing."""
 
-    def __init__(self, branch: MaskBranch, keys: List[str], fields, image_size: Tuple[int, int]):
+    def __init__(self, branch: MaskBranch, keys: List[str], new_instances: Callable[[], object]):
         super().__init__()
         self.branch = branch
         self.keys = keys
-        self.fields = fields
-        self.image_size = image_size
+        self.new_instances = new_instances
 
     def forward(self, *tensors):
-        out = self.branch(
-            dict(zip(self.keys, tensors)), [make_instances(self.fields, self.image_size)]
-        )
-        return out[0].pred_masks
+        return self.branch(dict(zip(self.keys, tensors)), [self.new_instances()])[0].pred_masks
 
 
-# ------------------------------------------------------------------------------------------------
-# FLOPs
-# ------------------------------------------------------------------------------------------------
 def _bilinear_handle(inputs, outputs) -> float:
     """4 multiply-adds per output element (per channel) of a bilinear crop op."""
     from fvcore.nn.jit_handles import get_shape
 
-    numel = 1
-    for dim in get_shape(outputs[0]):
-        numel *= dim
-    return 4 * numel
+    return 4 * math.prod(get_shape(outputs[0]))
 
 
 def _roi_align_handle(inputs, outputs) -> float:
@@ -220,11 +142,11 @@ EXTRA_FLOP_HANDLES = {
 }
 
 
-def count_flops(branch: MaskBranch, features, fields, image_size) -> Tuple[float, List[str]]:
+def count_flops(branch: MaskBranch, features, new_instances) -> Tuple[float, List[str]]:
     """(FLOPs of one forward in fvcore's convention, op names fvcore did not count)."""
     from fvcore.nn import FlopCountAnalysis
 
-    module = _TracedBranch(branch, list(features), fields, image_size)
+    module = _TracedBranch(branch, list(features), new_instances)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = FlopCountAnalysis(module, tuple(features.values()))
@@ -234,15 +156,6 @@ def count_flops(branch: MaskBranch, features, fields, image_size) -> Tuple[float
         total = analysis.total()
         unsupported = sorted(analysis.unsupported_ops())
     return float(total), unsupported
-
-
-# ------------------------------------------------------------------------------------------------
-# Latency and memory
-# ------------------------------------------------------------------------------------------------
-def median_ms(fn: Callable[[], object], device: str, repeat: int, warmup: int) -> float:
-    """Median wall time of fn() in milliseconds, after ``warmup`` untimed calls."""
-    del device  # the Timer synchronises CUDA itself
-    return statistics.median(wall_times_ms(fn, repeat, warmup))
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -256,23 +169,10 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-def _malloc_trim() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmHWM") is not None
-    except OSError:
-        return False
-
-
 def peak_memory_mb(fn: Callable[[], object], device: str) -> Tuple[float, bool]:
-    """(extra peak memory of fn() in MB, exact) -- see the module docstring."""
+    """(extra peak memory of fn() in MB, exact). CUDA: ``max_memory_allocated``; CPU: the rise of
+    the peak RSS (``VmHWM``, reset after ``malloc_trim``: tensors, allocator and oneDNN scratch),
+    else of ``ru_maxrss``, 0 unless fn() sets a new process peak: not exact (docs/tools.md)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -280,8 +180,15 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> Tuple[float, bool]:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20, True
-    _malloc_trim()
-    if _reset_peak_rss():
+    with contextlib.suppress(Exception):  # return freed heap memory to the system first
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:  # reset VmHWM to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        exact = _status_kib("VmHWM") is not None
+    except OSError:
+        exact = False
+    if exact:
         before = _status_kib("VmRSS")
         fn()
         return max(0, _status_kib("VmHWM") - before) / 1024, True
@@ -291,9 +198,6 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> Tuple[float, bool]:
     return max(0, after - before) / 1024, False
 
 
-# ------------------------------------------------------------------------------------------------
-# Profiling and the table
-# ------------------------------------------------------------------------------------------------
 def profile_config(
     entry: str,
     opts: Sequence[str],
@@ -305,17 +209,23 @@ def profile_config(
     seed: int = 0,
 ) -> List[Dict[str, object]]:
     """One row per device for the config entry ``PATH[@KEY=VALUE...]``."""
+    from masklab_d2.config import load_config
+
     path, entry_opts = split_config_entry(entry)
+    short_path = "/".join(os.path.normpath(path).split(os.sep)[-2:])  # configs/a/b.yaml -> a/b.yaml
     rows = []
     flops: Dict[int, float] = {}
     unsupported: List[str] = []
     for device in devices:
-        cfg = branch_config(path, list(opts) + entry_opts, device)
+        cfg = load_config(path, list(opts) + entry_opts)
+        cfg.MODEL.WEIGHTS = ""  # random weights: MODEL.WEIGHTS is ignored
+        cfg.MODEL.DEVICE = device
+        cfg.MODEL.MASK_ON = True
         torch.manual_seed(seed)
         branch = MaskBranch(cfg).to(device)
         row = {
-            "config": " ".join([_short_path(path)] + entry.split("@")[1:]),
-            "head": _head_description(branch),
+            "config": " ".join([short_path] + entry.split("@")[1:]),
+            "head": branch.head_description,
             "input": branch.input_description,
             "params": sum(p.numel() for p in branch.parameters()),
             "device": device,
@@ -323,19 +233,19 @@ def profile_config(
             "ms": {},
         }
         for num in detections:
-            features, fields = branch.random_inputs(num, image_size, device, seed)
+            features, new_instances = branch.random_inputs(num, image_size, device, seed)
             if num not in flops:
-                cpu_features, cpu_fields = branch.random_inputs(num, image_size, "cpu", seed)
                 branch.to("cpu")
-                flops[num], missing = count_flops(branch, cpu_features, cpu_fields, image_size)
+                cpu_inputs = branch.random_inputs(num, image_size, "cpu", seed)
+                flops[num], missing = count_flops(branch, *cpu_inputs)
                 unsupported = sorted(set(unsupported) | set(missing))
                 branch.to(device)
 
-            def run(features=features, fields=fields):
+            def run(features=features, new_instances=new_instances, branch=branch):
                 with torch.no_grad():
-                    return branch(features, [make_instances(fields, image_size)])
+                    return branch(features, [new_instances()])
 
-            row["ms"][num] = median_ms(run, device, repeat, warmup)
+            row["ms"][num] = statistics.median(wall_times_ms(run, repeat, warmup))
             if num == max(detections):
                 row["peak_mb"], row["peak_exact"] = peak_memory_mb(run, device)
         row["gflops"] = {num: flops[num] / 1e9 for num in detections}
@@ -347,34 +257,15 @@ def profile_config(
     return rows
 
 
-def _short_path(path: str) -> str:
-    """``configs/a/b.yaml`` -> ``a/b.yaml``."""
-    parts = os.path.normpath(path).split(os.sep)
-    return "/".join(parts[-2:])
-
-
-def _head_description(branch: MaskBranch) -> str:
-    """The head's registered name and its module summary (``extra_repr``), if any."""
-    summary = branch.head.extra_repr()
-    return f"{branch.name} ({summary})" if summary else branch.name
-
-
 def markdown_table(rows: List[Dict[str, object]], detections: Sequence[int]) -> str:
     """The rows as a Markdown table (one line per config and device)."""
-    largest = max(detections)
     header = ["config", "head", "input", "device", "params (M)"]
-    header += [f"GFLOPs @{d}" for d in detections]
-    header += [f"ms @{d}" for d in detections]
-    header += [f"peak MB @{largest}"]
+    header += [f"GFLOPs @{d}" for d in detections] + [f"ms @{d}" for d in detections]
+    header += [f"peak MB @{max(detections)}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        cells = [
-            row["config"],
-            row["head"],
-            row["input"],
-            f"{row['device']} ({row['threads']} thr)" if row["device"] == "cpu" else row["device"],
-            f"{row['params'] / 1e6:.3f}",
-        ]
+        device = row["device"] + (f" ({row['threads']} thr)" if row["device"] == "cpu" else "")
+        cells = [row["config"], row["head"], row["input"], device, f"{row['params'] / 1e6:.3f}"]
         cells += [f"{row['gflops'][d]:.2f}" for d in detections]
         cells += [f"{row['ms'][d]:.1f}" for d in detections]
         cells += [("" if row["peak_exact"] else ">=") + f"{row['peak_mb']:.0f}"]
@@ -391,10 +282,8 @@ def markdown_table(rows: List[Dict[str, object]], detections: Sequence[int]) -> 
     return "\n".join(lines + notes) + "\n"
 
 
-def build_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--config-file",
         nargs="+",
@@ -402,12 +291,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
         metavar="PATH[@KEY=VALUE...]",
         help="detectron2 YAML configs, each optionally with its own overrides",
     )
-    parser.add_argument("--detections", nargs="+", type=int, default=list(DEFAULT_DETECTIONS))
+    parser.add_argument("--detections", nargs="+", type=int, default=[10, 50, 100])
     parser.add_argument(
-        "--device",
-        nargs="+",
-        default=None,
-        help="cpu and/or cuda (default: cpu, plus cuda when available)",
+        "--device", nargs="+", help="cpu and/or cuda (default: cpu, plus cuda when available)"
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
@@ -422,11 +308,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         default=[],
         help="KEY VALUE pairs applied to every config (last argument)",
     )
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    args = build_argument_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for device in devices:
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -436,18 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if len(args.image_size) > 2 or min(args.image_size) <= 0:
         raise SystemExit("--image-size takes one or two positive sizes: H [W]")
     image_size = (args.image_size[0], args.image_size[-1])
-    rows = []
-    for entry in args.config_file:
-        rows += profile_config(
-            entry,
-            args.opts,
-            args.detections,
-            devices,
-            args.repeat,
-            args.warmup,
-            image_size,
-            args.seed,
-        )
+    options = (args.detections, devices, args.repeat, args.warmup, image_size, args.seed)
+    rows = [row for entry in args.config_file for row in profile_config(entry, args.opts, *options)]
     table = markdown_table(rows, args.detections)
     print(table)
     if args.markdown:

@@ -4,27 +4,8 @@
         --config-file configs/shapes/mask_rcnn_R_18_FPN.yaml [--iters 5] [--warmup 2] \
         [--loader-iters 20] [--markdown out.md] [--opts KEY VALUE ...]
 
-Three measurements of ``train_net.py``'s own trainer pieces (its model, optimizer and training
-loader, built from the config as ``train_net.py`` builds them, random weights unless
-``MODEL.WEIGHTS`` is set):
-
-1. **The model's step on prepared batches** (``--iters`` batches fetched before timing, so no
-   data work overlaps): ``torch.profiler`` over forward, backward and the optimizer step. Each op's
-   self CPU time goes to the innermost model part whose forward ran it (``backbone`` =
-   ``backbone.bottom_up``, ``FPN`` = the rest of the backbone, ``RPN``, the ROI heads' children by
-   name, ``model (other)`` = preprocessing and loss code outside them); a backward op goes to the
-   part whose forward op created its autograd node (matched by sequence number).
-2. **The same ops by kind**: convolutions, their backward, the crop ops, layout copies, matmuls,
-   NMS, the optimizer step, everything else; these cut across the parts.
-
-Times in both tables are ops' self times on the calling thread (an op's intra-op threads run
-within it), per step.
-3. **Training with the real loader** (``--loader-iters`` iterations after ``--warmup``): seconds per
-   iteration (min / median / max), and the CPU seconds per iteration spent in the training process
-   and in its loader workers, as a share of the machine's cores: on a 2-core machine every
-   worker-second is a second the step does not get.
-
-Times depend on the machine and its load: compare rows of one run, on a quiet machine.
+Measures ``train_net.py``'s own trainer pieces (model, optimizer, training loader) built from the
+config; what each of its three tables means is in docs/tools.md.
 """
 
 import argparse
@@ -43,8 +24,6 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from masklab_d2.tools.sweeps.spec import REPO_ROOT
-
-logger = logging.getLogger("masklab_d2.tools.profile_training")
 
 _LABEL = "part::"
 # Op kinds, first match wins (substrings of profiler event names).
@@ -66,20 +45,17 @@ def part_modules(model: nn.Module) -> Dict[str, nn.Module]:
     backbone = getattr(model, "backbone", None)
     if backbone is not None:
         trunk = getattr(backbone, "bottom_up", None)
+        parts["backbone"] = trunk if trunk is not None else backbone
         if trunk is not None:
-            parts["backbone"] = trunk
             parts["FPN"] = backbone  # the innermost label wins: what bottom_up does not run
-        else:
-            parts["backbone"] = backbone
     if getattr(model, "proposal_generator", None) is not None:
         parts["RPN"] = model.proposal_generator
     roi_heads = getattr(model, "roi_heads", None)
     if roi_heads is not None:
         parts["ROI heads (other)"] = roi_heads
-        for name, child in roi_heads.named_children():
-            parts[f"ROI {name}"] = child
+        parts.update({f"ROI {name}": child for name, child in roi_heads.named_children()})
     if len(parts) == 1:
-        parts.update({name: child for name, child in model.named_children()})
+        parts.update(model.named_children())
     return parts
 
 
@@ -185,9 +161,7 @@ def build(config_file: str, opts: Sequence[str]):
 
         MaskLabCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.train()
-    optimizer = Trainer.build_optimizer(cfg, model)
-    loader = Trainer.build_train_loader(cfg)
-    return cfg, model, optimizer, loader
+    return cfg, model, Trainer.build_optimizer(cfg, model), Trainer.build_train_loader(cfg)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
@@ -207,19 +181,15 @@ def profile_steps(model, optimizer, batches: List) -> Tuple[Dict, Dict, float]:
         for batch in batches:
             train_step(model, optimizer, batch)
         wall = (time.perf_counter() - start) / len(batches)
-    by_part, by_kind = attribute(prof.events())
-    steps = len(batches)
-    return (
-        {k: v / steps for k, v in by_part.items()},
-        {k: v / steps for k, v in by_kind.items()},
-        wall,
+    by_part, by_kind = (
+        {k: v / len(batches) for k, v in d.items()} for d in attribute(prof.events())
     )
+    return by_part, by_kind, wall
 
 
-def loader_share(model, optimizer, data, iters: int) -> Dict[str, float]:
-    """Trains ``iters`` iterations from the live loader; wall and CPU seconds per iteration."""
-    main_pid = os.getpid()
-    cpu_main, cpu_workers = _cpu_seconds(main_pid), _children_cpu_seconds()
+def loader_share(model, optimizer, data, iters: int) -> str:
+    """Trains ``iters`` iterations from the live loader; their wall and CPU time, as a sentence."""
+    cpu_main, cpu_workers = _cpu_seconds(os.getpid()), _children_cpu_seconds()
     walls, data_walls = [], []
     for _ in range(iters):
         start = time.perf_counter()
@@ -227,16 +197,16 @@ def loader_share(model, optimizer, data, iters: int) -> Dict[str, float]:
         data_walls.append(time.perf_counter() - start)
         train_step(model, optimizer, batch)
         walls.append(time.perf_counter() - start)
-    cpu_main = (_cpu_seconds(main_pid) - cpu_main) / iters
+    cpu_main = (_cpu_seconds(os.getpid()) - cpu_main) / iters
     cpu_workers = (_children_cpu_seconds() - cpu_workers) / iters
-    return {
-        "min": min(walls),
-        "median": statistics.median(walls),
-        "max": max(walls),
-        "waiting for data": statistics.median(data_walls),
-        "training process CPU s": cpu_main,
-        "loader workers CPU s": cpu_workers,
-    }
+    median, cores = statistics.median(walls), os.cpu_count()
+    return (
+        f"Training from the live loader ({iters} iterations): seconds per iteration "
+        f"{min(walls):.3f} / {median:.3f} / {max(walls):.3f} (min / median / max), "
+        f"{statistics.median(data_walls):.3f} s median waiting for a batch; CPU seconds per "
+        f"iteration: training process {cpu_main:.3f}, loader workers {cpu_workers:.3f} "
+        f"({100 * cpu_workers / (median * cores):.0f}% of the machine's {cores} cores)."
+    )
 
 
 def _table(rows: Dict[str, float], total: float, header: str) -> str:
@@ -251,42 +221,29 @@ def report(config_file: str, args) -> str:
 
     torch.manual_seed(0)
     cfg, model, optimizer, loader = build(config_file, args.opts)
-    data = iter(loader)
-    lines = [
-        f"## {os.path.relpath(config_file, REPO_ROOT)}",
-        "",
+    header = (
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
         f"batch {cfg.SOLVER.IMS_PER_BATCH}, {cfg.DATALOADER.NUM_WORKERS} loader workers, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}",
-        "",
-    ]
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    data = iter(loader)
     with EventStorage(0):
         for _ in range(args.warmup):
             train_step(model, optimizer, next(data))
         batches = [next(data) for _ in range(args.iters)]
         by_part, by_kind, wall = profile_steps(model, optimizer, batches)
         shares = loader_share(model, optimizer, data, args.loader_iters)
-    total = sum(by_part.values())
-    lines += [
+    paragraphs = [
+        f"## {os.path.relpath(config_file, REPO_ROOT)}",
+        header,
         f"Model step on prepared batches: {wall:.3f} s wall per step under the profiler "
         f"({args.iters} steps); self CPU time of the ops by model part:",
-        "",
-        _table(by_part, total, "part"),
-        "",
+        _table(by_part, sum(by_part.values()), "part"),
         "The same ops by kind:",
-        "",
         _table(by_kind, sum(by_kind.values()), "op kind"),
-        "",
-        f"Training from the live loader ({args.loader_iters} iterations): seconds per iteration "
-        f"{shares['min']:.3f} / {shares['median']:.3f} / {shares['max']:.3f} (min / median / "
-        f"max), {shares['waiting for data']:.3f} s median waiting for a batch; CPU seconds per "
-        f"iteration: training process {shares['training process CPU s']:.3f}, loader workers "
-        f"{shares['loader workers CPU s']:.3f} ("
-        f"{100 * shares['loader workers CPU s'] / (shares['median'] * os.cpu_count()):.0f}% of "
-        f"the machine's {os.cpu_count()} cores).",
-        "",
+        shares,
     ]
-    return "\n".join(lines)
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

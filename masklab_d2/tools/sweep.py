@@ -1,10 +1,5 @@
-"""Config sweeps: ``python -m masklab_d2.tools.sweep SWEEP.yaml [options]``.
-
-The format and behaviour are described in :mod:`masklab_d2.tools.sweeps` (``--help`` prints it);
-the code lives there: ``spec`` (the schema and expansion), ``commands`` (train_net.py's command
-line), ``state`` (run folders and their status records), ``fingerprint``,
-``launch`` (local runs), ``slurm`` (submitit jobs), ``progress``, ``report`` and ``cli``.
-"""
+"""Config sweeps: ``python -m masklab_d2.tools.sweep SWEEP.yaml [options]``; see docs/sweeps.md
+and :mod:`masklab_d2.tools.sweeps`, where the code lives."""
 
 import sys
 

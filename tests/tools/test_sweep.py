@@ -784,10 +784,10 @@ def test_an_attempt_is_recorded_by_how_it_ended(tmp_path, returncode, finished, 
     failures; a clean exit without the final evaluation is a failure."""
     output = str(tmp_path / "r")
     task = launch.RunTask("r", output, "python", "t.py", [], ["OUTPUT_DIR", output])
-    status = launch.start_status(task, resume=False)
+    status = state.start_status(task, resume=False)
     if finished:
         fake_finished(output)
-    launch.finish_status(task, status, returncode)
+    state.finish_status(task, status, returncode)
     assert state.read_status(output)["state"] == expected
 
 

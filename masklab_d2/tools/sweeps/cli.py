@@ -1,21 +1,22 @@
-"""The sweep command: plans what to launch, launches it, follows it, writes the report."""
+"""The sweep command: plans what to launch, launches it, follows its progress (a line per change,
+counts, an ETA, sweep_status.json), writes the report."""
 
 import argparse
+import datetime
+import math
 import os
 import re
 import shlex
 import signal
-import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import masklab_d2.tools.sweeps as sweeps_package
 from masklab_d2.tools.sweeps import slurm
-from masklab_d2.tools.sweeps.commands import train_command
+from masklab_d2.tools.sweeps.commands import RunTask, make_task, train_command
 from masklab_d2.tools.sweeps.fingerprint import fingerprints_of
-from masklab_d2.tools.sweeps.launch import _STOPPING, LocalLauncher, RunTask, make_task
-from masklab_d2.tools.sweeps.progress import Progress
+from masklab_d2.tools.sweeps.launch import _STOPPING, LocalLauncher
 from masklab_d2.tools.sweeps.report import write_report
 from masklab_d2.tools.sweeps.spec import (
     LAUNCHERS,
@@ -33,11 +34,16 @@ from masklab_d2.tools.sweeps.state import (
     QUEUED,
     RUNNING,
     STALE,
+    STALE_AFTER_S,
+    STATES,
     STATUS_FILE,
+    SWEEP_STATUS_FILE,
     has_checkpoint,
+    read_status,
     record_failure,
     run_state,
     stale_reason,
+    write_json_atomic,
 )
 
 
@@ -48,33 +54,144 @@ def plan(
     rerun_stale: bool = False,
     forget_queued: bool = False,
 ) -> Tuple[List[Run], Dict[str, str]]:
-    """Which runs to launch now, and the state of each run at the start.
-
-    Done runs and runs alive elsewhere are left alone; failed ones are retried only with
-    ``retry_failed``; interrupted ones are relaunched (with --resume, decided at start); stale
-    ones (another config or code, see :func:`~masklab_d2.tools.sweeps.state.stale_reason`) only
-    with ``rerun_stale``, from scratch.
-    """
+    """Which runs to launch now (pending, interrupted: with --resume decided at start; failed
+    with ``retry_failed``; stale with ``rerun_stale``), and the state of each run at the start."""
     fingerprints = fingerprints or {}
     states = {
         run.name: run_state(run.output_dir, None, fingerprints.get(run.name), not forget_queued)
         for run in runs
     }
-    launch = [
-        run
-        for run in runs
-        if states[run.name] in (PENDING, INTERRUPTED)
-        or (retry_failed and states[run.name] == FAILED)
-        or (rerun_stale and states[run.name] == STALE)
-    ]
-    return launch, states
+    relaunch = {PENDING: True, INTERRUPTED: True, FAILED: retry_failed, STALE: rerun_stale}
+    return [run for run in runs if relaunch.get(states[run.name], False)], states
 
 
-def set_aside(run: Run) -> str:
-    """Moves a stale run's folder out of the way (never deleted: it holds results)."""
-    aside = f"{run.output_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(run.output_dir, aside)
-    return aside
+def format_seconds(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+class Progress:
+    """Follows a sweep's ``runs`` (also those not launched now): a line per change, counts, an
+    ETA (``spec.parallel`` at a time), sweep_status.json. ``scheduled``: the runs this process
+    launches from now; ``fingerprints``: {run name: fingerprint} (another config is stale)."""
+
+    def __init__(
+        self,
+        spec: SweepSpec,
+        runs: List[Run],
+        fingerprints: Dict[str, Dict[str, str]],
+        scheduled: Iterable[str],
+    ):
+        self.spec = spec
+        self.fingerprints = fingerprints
+        self.runs = runs
+        self.states: Dict[str, str] = {}
+        self.started: Dict[str, float] = {}
+        self.durations: List[float] = []
+        self.scheduled = set(scheduled)
+        self.launch_time = time.time()
+
+    def _state(self, run: Run, now: float) -> str:
+        status = read_status(run.output_dir)
+        # A run launched by this process counts from its status file (complete with the duration
+        # when execute_run finalises it); until it starts, what its folder shows is history.
+        if run.name in self.scheduled:
+            if float(status.get("started", 0)) < self.launch_time:
+                return PENDING
+            state = status.get("state")
+            alive = now - float(status.get("heartbeat", 0)) < STALE_AFTER_S
+            if state in STATES and (state != RUNNING or alive):
+                return state
+        return run_state(run.output_dir, now, self.fingerprints.get(run.name))
+
+    def update(self, always: bool = False) -> bool:
+        """Re-reads every run folder; prints what changed, the counts and the ETA, and writes
+        sweep_status.json, when something did (or ``always``). Returns whether something did."""
+        now = time.time()
+        changes = []
+        for run in self.runs:
+            state = self._state(run, now)
+            previous = self.states.get(run.name)
+            if state == previous:
+                continue
+            self.states[run.name] = state
+            status = read_status(run.output_dir)
+            if state == RUNNING:
+                self.started[run.name] = float(status.get("started", now))
+            if previous is None:
+                continue
+            if state in (DONE, FAILED, INTERRUPTED):
+                duration = status.get("duration_s")
+                if state == DONE and duration:
+                    self.durations.append(float(duration))
+                detail = f" (return code {status.get('returncode')})" if state == FAILED else ""
+                changes.append(f"{run.name}: {state}{detail} after {format_seconds(duration)}")
+            else:
+                changes.append(f"{run.name}: {state}")
+        if changes or always:
+            stamp = datetime.datetime.now().strftime("%H:%M:%S")
+            counts = self.counts()
+            total = (
+                f"done {counts[DONE]}, running {counts[RUNNING]}, failed {counts[FAILED]}, "
+                f"pending {counts[PENDING]}"
+                + (f", stale {counts[STALE]}" if counts[STALE] else "")
+                + f" of {len(self.runs)} | ETA {format_seconds(self.eta_seconds())}"
+            )
+            for line in changes + [total]:
+                print(f"[sweep {stamp}] {line}", flush=True)
+            self.write_status()
+        return bool(changes)
+
+    def counts(self) -> Dict[str, int]:
+        counts = dict.fromkeys((DONE, RUNNING, FAILED, STALE, PENDING), 0)
+        for state in self.states.values():
+            counts[PENDING if state in (INTERRUPTED, QUEUED) else state] += 1
+        return counts
+
+    def eta_seconds(self) -> Optional[float]:
+        counts = self.counts()
+        if counts[PENDING] + counts[RUNNING] == 0:
+            return 0.0
+        if not self.durations:
+            return None
+        mean = sum(self.durations) / len(self.durations)
+        now = time.time()
+        remaining = counts[PENDING] * mean + sum(
+            max(0.0, mean - (now - self.started.get(name, now)))
+            for name, state in self.states.items()
+            if state == RUNNING
+        )
+        return remaining / min(self.spec.parallel, counts[PENDING] + counts[RUNNING])
+
+    def write_status(self) -> None:
+        os.makedirs(self.spec.output_root, exist_ok=True)
+        runs = []
+        for run in self.runs:
+            status = read_status(run.output_dir)
+            runs.append(
+                {
+                    "name": run.name,
+                    "cell": run.cell.name,
+                    "seed": run.seed,
+                    "state": self.states.get(run.name, PENDING),
+                    "output_dir": run.output_dir,
+                    "returncode": status.get("returncode"),
+                    "duration_s": status.get("duration_s"),
+                }
+            )
+        write_json_atomic(
+            os.path.join(self.spec.output_root, SWEEP_STATUS_FILE),
+            {
+                "sweep": self.spec.path,
+                "name": self.spec.name,
+                "output_root": self.spec.output_root,
+                "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+                "counts": self.counts(),
+                "eta_seconds": self.eta_seconds(),
+                "runs": runs,
+            },
+        )
 
 
 def run_sweep(
@@ -82,38 +199,23 @@ def run_sweep(
     runs: List[Run],
     launcher_kind: str,
     retry_failed: bool = True,
-    poll_s: Optional[float] = None,
-    stream=None,
     rerun_stale: bool = False,
     forget_queued: bool = False,
 ) -> Dict[str, int]:
-    """Launches the runs that need it and follows them to the end.
-
-    Args:
-        spec: the sweep.
-        runs: the runs to consider (done ones are skipped).
-        launcher_kind: "local", "slurm" or "submitit-local".
-        retry_failed: relaunch failed runs.
-        rerun_stale: relaunch stale runs from scratch (their folders are set aside).
-        forget_queued: treat runs marked queued on Slurm as not queued (their jobs are gone).
-        poll_s: longest wait between two looks at the runs (default 1 s, Slurm 15 s).
-        stream: where progress lines go (stdout).
-
-    Returns:
-        The final counts of run states.
-    """
-    stream = stream or sys.stdout
+    """Launches the runs that need it (:func:`plan`) with the ``launcher_kind`` launcher and
+    follows them to the end, printing its progress; returns the final counts of run states.
+    Stale runs relaunched with ``rerun_stale`` have their folders set aside first."""
     fingerprints = fingerprints_of(runs)
     to_launch, initial = plan(runs, retry_failed, fingerprints, rerun_stale, forget_queued)
     for run in runs:
         if initial[run.name] == STALE:
             reason = stale_reason(run.output_dir, fingerprints[run.name])
-            if rerun_stale:
-                print(
-                    f"[sweep] {run.name}: stale ({reason}); moved to {set_aside(run)}", file=stream
-                )
+            if rerun_stale:  # out of the way, never deleted: it holds results
+                aside = f"{run.output_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.rename(run.output_dir, aside)
+                print(f"[sweep] {run.name}: stale ({reason}); moved to {aside}")
             else:
-                print(f"[sweep] {run.name}: stale ({reason}); --rerun-stale reruns it", file=stream)
+                print(f"[sweep] {run.name}: stale ({reason}); --rerun-stale reruns it")
     print(
         f"[sweep] {spec.name}: {len(runs)} runs in {spec.output_root}; "
         f"launching {len(to_launch)} with the {launcher_kind} launcher "
@@ -122,37 +224,34 @@ def run_sweep(
         + ("" if retry_failed else f", {sum(s == FAILED for s in initial.values())} failed")
         + ("" if rerun_stale else f", {sum(s == STALE for s in initial.values())} stale")
         + ")",
-        file=stream,
         flush=True,
     )
-    progress = Progress(spec, runs, spec.parallel, stream, fingerprints)
-    progress.launch_time = time.time()
-    progress.scheduled = {run.name for run in to_launch}
-    progress.refresh()
-    progress.report([])
+    progress = Progress(spec, runs, fingerprints, {run.name for run in to_launch})
+    progress.update(always=True)
     if not to_launch:
         return progress.counts()
-    launcher = make_launcher(spec, launcher_kind)
+    if launcher_kind == "local":
+        launcher = LocalLauncher(spec.parallel, spec.num_gpus)
+    else:
+        launcher = slurm.SubmititLauncher(spec, local=launcher_kind == "submitit-local")
     # Poll often after a change, less while nothing happens (Slurm: up to every 15 s).
-    max_poll_s = poll_s if poll_s is not None else (15.0 if launcher_kind == "slurm" else 1.0)
+    max_poll_s = 15.0 if launcher_kind == "slurm" else 1.0
     poll_s = min(0.5, max_poll_s)
-    queue_ = [make_task(spec, run) for run in to_launch]
+    queue_ = [make_task(spec, run, fingerprints[run.name]) for run in to_launch]
     handles: List[Tuple[RunTask, Any]] = []
     try:
         while queue_ or handles:
             limit = launcher.max_in_flight
-            if queue_ and (limit is None or len(handles) < limit):
-                batch = queue_ if limit is None else queue_[: limit - len(handles)]
-                queue_ = queue_[len(batch) :]
+            free = len(queue_) if limit is None else limit - len(handles)
+            batch, queue_ = queue_[:free], queue_[free:]
+            if batch:
                 handles += list(zip(batch, launcher.submit(batch)))
             for task, handle in list(handles):
                 if handle.done():
                     handles.remove((task, handle))
                     _collect(task, handle)
-            changes = progress.refresh()
-            if changes:
-                progress.report(changes)
-            poll_s = min(0.5, max_poll_s) if changes else min(max_poll_s, poll_s * 1.5)
+            changed = progress.update()
+            poll_s = min(0.5, max_poll_s) if changed else min(max_poll_s, poll_s * 1.5)
             if queue_ or handles:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
@@ -160,19 +259,14 @@ def run_sweep(
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
-        print(
-            "[sweep] interrupted: stopping the runs (they save checkpoints; rerun to resume)",
-            file=stream,
-        )
+        print("[sweep] interrupted: stopping the runs (they save checkpoints; rerun to resume)")
         launcher.stop()
         launcher.close()
-        progress.report(progress.refresh())
+        progress.update(always=True)
         raise
     finally:
         launcher.close()
-    changes = progress.refresh()
-    if changes:
-        progress.report(changes)
+    progress.update()
     return progress.counts()
 
 
@@ -188,11 +282,10 @@ def print_dry_run(
     spec: SweepSpec,
     runs: List[Run],
     retry_failed: bool,
-    stream=None,
     rerun_stale: bool = False,
     forget_queued: bool = False,
 ) -> None:
-    stream = stream or sys.stdout
+    """Prints each run's state, whether it would run, and its command."""
     cells = {run.cell.name for run in runs}
     # "cells x seeds" only when it is true: a cell with its own seeds breaks the product.
     if all(run.cell.seeds in (None, tuple(spec.seeds)) for run in runs):
@@ -201,22 +294,19 @@ def print_dry_run(
         size = f"{len(cells)} cells, {len(runs)} runs (some cells with their own seeds)"
     print(
         f"# {spec.name}: {size} in {spec.output_root} "
-        f"({spec.launcher} launcher, parallel {spec.parallel})",
-        file=stream,
+        f"({spec.launcher} launcher, parallel {spec.parallel})"
     )
     fingerprints = fingerprints_of(runs)
     to_launch, states = plan(runs, retry_failed, fingerprints, rerun_stale, forget_queued)
     launching = {run.name for run in to_launch}
     for run in runs:
         state = states[run.name]
-        action = "run" if run.name in launching else "skip"
-        print(f"[{state}, {action}] {run.name}", file=stream)
+        print(f"[{state}, {'run' if run.name in launching else 'skip'}] {run.name}")
         if state == STALE:
-            print(f"    stale: {stale_reason(run.output_dir, fingerprints[run.name])}", file=stream)
+            print(f"    stale: {stale_reason(run.output_dir, fingerprints[run.name])}")
         if run.name in launching:
             resume = state != STALE and has_checkpoint(run.output_dir)
-            command = train_command(spec, run, resume=resume)
-            print(f"    {shlex.join(command)}", file=stream)
+            print(f"    {shlex.join(train_command(spec, run, resume=resume))}")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -225,52 +315,34 @@ def build_argument_parser() -> argparse.ArgumentParser:
         description=sweeps_package.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("sweep_file", help="the sweep YAML")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the runs and commands, run nothing"
-    )
-    parser.add_argument(
-        "--report", action="store_true", help="only write results.csv / results.md / plots"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("sweep_file", help="the sweep YAML")
+    add("--dry-run", action="store_true", help="print the runs and commands, run nothing")
+    add("--report", action="store_true", help="only write results.csv / results.md / plots")
+    add(
         "--report-dir",
         metavar="DIR",
         help="write the report (results.csv, results.md, plots) here instead of the output root, "
         "e.g. the project folder that publishes it",
     )
-    parser.add_argument("--launcher", choices=LAUNCHERS, help="overrides the file's launcher")
-    parser.add_argument(
-        "--parallel", type=int, help="runs at a time (overrides the file's 'parallel')"
-    )
-    parser.add_argument("--output-root", help="overrides the file's output_root")
-    parser.add_argument(
-        "--filter", metavar="REGEX", help="only the runs whose name matches (re.search)"
-    )
-    parser.add_argument("--no-retry-failed", action="store_true", help="leave failed runs failed")
-    parser.add_argument(
+    add("--launcher", choices=LAUNCHERS, help="overrides the file's launcher")
+    add("--parallel", type=int, help="runs at a time (overrides the file's 'parallel')")
+    add("--output-root", help="overrides the file's output_root")
+    add("--filter", metavar="REGEX", help="only the runs whose name matches (re.search)")
+    add("--no-retry-failed", action="store_true", help="leave failed runs failed")
+    add(
         "--rerun-stale",
         action="store_true",
         help="rerun from scratch the runs whose recorded config hash or training code differ from "
         "the sweep's now (their folders are moved to <run>.stale-<time>)",
     )
-    parser.add_argument(
+    add(
         "--forget-queued",
         action="store_true",
         help="relaunch runs marked as queued on Slurm when Slurm cannot tell (their jobs are gone)",
     )
-    parser.add_argument(
-        "--no-report", action="store_true", help="do not write the report at the end"
-    )
+    add("--no-report", action="store_true", help="do not write the report at the end")
     return parser
-
-
-def select_runs(spec: SweepSpec, pattern: Optional[str]) -> List[Run]:
-    runs = expand_runs(spec)
-    if pattern:
-        runs = [run for run in runs if re.search(pattern, run.name)]
-        if not runs:
-            raise SweepError(f"--filter {pattern!r} matches none of the runs")
-    return runs
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -287,49 +359,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.parallel < 1:
             raise SweepError("--parallel must be >= 1")
         spec.parallel = args.parallel
-    launcher = args.launcher or spec.launcher
-    runs = select_runs(spec, args.filter)
+    runs = expand_runs(spec)
+    if args.filter:
+        runs = [run for run in runs if re.search(args.filter, run.name)]
+        if not runs:
+            raise SweepError(f"--filter {args.filter!r} matches none of the runs")
+    # retry_failed, rerun_stale, forget_queued: as print_dry_run and run_sweep take them
+    options = (not args.no_retry_failed, args.rerun_stale, args.forget_queued)
     if args.dry_run:
-        print_dry_run(
-            spec, runs, not args.no_retry_failed, None, args.rerun_stale, args.forget_queued
-        )
+        print_dry_run(spec, runs, *options)
         return 0
-    if args.report:
+    failed = 0
+    if not args.report:
+        if threading.current_thread() is threading.main_thread():
+            # A scheduler's SIGTERM stops the runs as Ctrl-C does (they save checkpoints).
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        _STOPPING.clear()
+        try:
+            failed = run_sweep(spec, runs, args.launcher or spec.launcher, *options)[FAILED]
+        except KeyboardInterrupt:
+            print(
+                f"[sweep] stopped; rerun `python -m masklab_d2.tools.sweep {args.sweep_file}` "
+                "to resume"
+            )
+            return 130
+    if args.report or not args.no_report:
         for path in write_report(spec, runs, args.report_dir).values():
             print(f"[sweep] wrote {path}")
+    if not failed:
         return 0
-    if threading.current_thread() is threading.main_thread():
-        # A scheduler's SIGTERM stops the runs as Ctrl-C does (they save checkpoints).
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    _STOPPING.clear()
-    try:
-        counts = run_sweep(
-            spec,
-            runs,
-            launcher,
-            retry_failed=not args.no_retry_failed,
-            rerun_stale=args.rerun_stale,
-            forget_queued=args.forget_queued,
-        )
-    except KeyboardInterrupt:
-        print(
-            f"[sweep] stopped; rerun `python -m masklab_d2.tools.sweep {args.sweep_file}` to resume"
-        )
-        return 130
-    if not args.no_report:
-        for path in write_report(spec, runs, args.report_dir).values():
-            print(f"[sweep] wrote {path}")
-    if counts[FAILED]:
-        failed = [run for run in runs if run_state(run.output_dir, check_queue=False) == FAILED]
-        for run in failed:
+    for run in runs:
+        if run_state(run.output_dir, check_queue=False) == FAILED:
             print(f"[sweep] FAILED {run.name}: see {os.path.join(run.output_dir, STATUS_FILE)}")
-    return 1 if counts[FAILED] else 0
-
-
-def make_launcher(spec: SweepSpec, kind: str):
-    """The launcher ``kind`` names: local processes, or submitit jobs (Slurm or local)."""
-    if kind == "local":
-        return LocalLauncher(spec.parallel, spec.num_gpus)
-    if kind in ("slurm", "submitit-local"):
-        return slurm.SubmititLauncher(spec, local=kind == "submitit-local")
-    raise SweepError(f"unknown launcher {kind!r}; choose from {LAUNCHERS}")
+    return 1

@@ -1,22 +1,11 @@
 """What train_net.py is told for a run: its command line, its overrides in the syntax of its
 config system (``KEY VALUE`` for YAML, ``key=value`` for a LazyConfig)."""
 
-from typing import List, Optional, Sequence
+import dataclasses
+from typing import Dict, List, Optional, Sequence
 
 from masklab_d2.tools.sweeps.spec import Run, SweepSpec
 from masklab_d2.utils.config_files import is_lazy_config
-
-
-def train_args(spec: SweepSpec, run: Run, resume: bool = False) -> List[str]:
-    """The train_net.py arguments of a run (its command line after the script)."""
-    args = ["--config-file", run.cell.config_file]
-    if spec.num_gpus > 1:
-        # A free port per run: detectron2's default port is the same for all of a user's runs,
-        # so two multi-GPU runs on one node would collide.
-        args += ["--num-gpus", str(spec.num_gpus), "--dist-url", "auto"]
-    if resume:
-        args.append("--resume")
-    return args + run_overrides(run)
 
 
 def config_overrides(
@@ -27,12 +16,8 @@ def config_overrides(
     device: Optional[str] = None,
 ) -> List[str]:
     """A run's overrides on the command line of its config system: ``KEY VALUE`` pairs for a
-    YAML config, ``key=value`` for a LazyConfig; its output folder and seed first.
-
-    Args:
-        pairs: flat [KEY, VALUE, ...] overrides (a cell's), keys as the config system names them.
-        device: when given, the device last (``MODEL.DEVICE`` / ``train.device``).
-    """
+    YAML config, ``key=value`` for a LazyConfig; its output folder and seed first, then ``pairs``
+    (flat [KEY, VALUE, ...], a cell's), then ``device`` when given."""
     if not is_lazy_config(config_file):
         device_pair = ["MODEL.DEVICE", device] if device else []
         return ["OUTPUT_DIR", output_dir, "SEED", str(seed)] + list(pairs) + device_pair
@@ -47,11 +32,42 @@ def config_overrides(
     )
 
 
-def run_overrides(run: Run) -> List[str]:
-    """The overrides of a run (:func:`config_overrides`)."""
-    return config_overrides(run.cell.config_file, run.output_dir, run.seed, run.cell.overrides)
+@dataclasses.dataclass
+class RunTask:
+    """What a worker (thread, submitit job) needs to execute one run; picklable. ``--resume`` is
+    decided when the run starts, from the files then on disk (a requeued job resumes)."""
+
+    name: str
+    output_dir: str
+    python: str
+    train_script: str
+    config_args: List[str]  # --config-file C [--num-gpus n --dist-url auto]
+    overrides: List[str]  # OUTPUT_DIR ... SEED ... KEY VALUE ...
+    env: Dict[str, str] = dataclasses.field(default_factory=dict)
+    fingerprint: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def args(self, resume: bool) -> List[str]:
+        """train_net.py's arguments."""
+        return self.config_args + (["--resume"] if resume else []) + self.overrides
+
+    def command(self, resume: bool) -> List[str]:
+        return [self.python, self.train_script] + self.args(resume)
+
+
+def make_task(spec: SweepSpec, run: Run, fingerprint: Optional[Dict[str, str]] = None) -> RunTask:
+    """The task of a run; ``fingerprint`` (:mod:`.fingerprint`) is recorded when it starts."""
+    args = ["--config-file", run.cell.config_file]
+    if spec.num_gpus > 1:
+        # A free port per run: detectron2's default port is the same for all of a user's runs,
+        # so two multi-GPU runs on one node would collide.
+        args += ["--num-gpus", str(spec.num_gpus), "--dist-url", "auto"]
+    overrides = config_overrides(run.cell.config_file, run.output_dir, run.seed, run.cell.overrides)
+    env, fingerprint = dict(spec.env), fingerprint or {}
+    return RunTask(
+        run.name, run.output_dir, spec.python, spec.train_script, args, overrides, env, fingerprint
+    )
 
 
 def train_command(spec: SweepSpec, run: Run, resume: bool = False) -> List[str]:
     """The train_net.py command of a run."""
-    return [spec.python, spec.train_script] + train_args(spec, run, resume)
+    return make_task(spec, run).command(resume)

@@ -1,114 +1,32 @@
-"""Executing runs: locally as subprocesses, or as submitit jobs (Slurm, or submitit's local twin).
+"""Executing runs locally: ``train_net.py`` subprocesses, each in its own session (a Ctrl-C
+reaches the sweep only, which then sends each run's main process one SIGTERM) and on its own
+GPUs; each attempt recorded by :mod:`.state`."""
 
-Local runs are ``train_net.py`` subprocesses, each in its own session (a Ctrl-C reaches the sweep
-only, which then sends each run's main process one SIGTERM) and on its own GPUs. Submitit jobs
-run the training in the job's own process (:class:`SubmititCell`), so that submitit's mechanisms
-apply to it directly: one task per GPU with its distributed environment, requeue on preemption
-or time limit through ``checkpoint()``, job objects to follow (and re-attach to) the jobs, and on
-Slurm a code snapshot (``RsyncSnapshot``) so queued jobs run the code they were submitted with.
-"""
-
-import concurrent.futures
-import dataclasses
+import contextlib
 import datetime
 import logging
 import os
 import queue
-import shlex
 import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
-from masklab_d2.tools.sweeps.commands import run_overrides, train_args
-from masklab_d2.tools.sweeps.fingerprint import run_fingerprint
-from masklab_d2.tools.sweeps.spec import Run, SweepError, SweepSpec
+from masklab_d2.tools.sweeps.commands import RunTask
+from masklab_d2.tools.sweeps.spec import SweepError
 from masklab_d2.tools.sweeps.state import (
-    HEARTBEAT_S,
     INTERRUPTED,
     RUN_LOG_FILE,
-    beat,
-    finish_attempt,
+    Heartbeat,
+    finish_status,
     has_checkpoint,
-    start_attempt,
+    start_status,
 )
 
 logger = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass
-class RunTask:
-    """What a worker (thread, submitit job) needs to execute one run; picklable.
-
-    ``--resume`` is decided when the run starts, from the files then on disk, so a requeued or
-    retried job resumes from whatever its predecessor saved.
-    """
-
-    name: str
-    output_dir: str
-    python: str
-    train_script: str
-    config_args: List[str]  # --config-file C [--num-gpus n --dist-url auto]
-    overrides: List[str]  # OUTPUT_DIR ... SEED ... KEY VALUE ...
-    env: Dict[str, str] = dataclasses.field(default_factory=dict)
-    fingerprint: Dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def args(self, resume: bool) -> List[str]:
-        """train_net.py's arguments."""
-        return self.config_args + (["--resume"] if resume else []) + self.overrides
-
-    def command(self, resume: bool) -> List[str]:
-        return [self.python, self.train_script] + self.args(resume)
-
-
-def make_task(spec: SweepSpec, run: Run, env: Optional[Dict[str, str]] = None) -> RunTask:
-    overrides = run_overrides(run)
-    config_args = train_args(spec, run)[: -len(overrides)]
-    return RunTask(
-        run.name,
-        run.output_dir,
-        spec.python,
-        spec.train_script,
-        config_args,
-        overrides,
-        {**spec.env, **(env or {})},
-        run_fingerprint(run),
-    )
-
-
-# --------------------------------------------------------------------------- the status file
-
-
-def start_status(task: RunTask, resume: bool, job_id: Optional[str] = None) -> Dict[str, Any]:
-    """The "running" status of an attempt of ``task`` (:func:`state.start_attempt`)."""
-    return start_attempt(
-        task.output_dir,
-        task.name,
-        shlex.join(task.command(resume)),
-        resume,
-        task.fingerprint,
-        job_id,
-    )
-
-
-def finish_status(
-    task: RunTask, status: Dict[str, Any], returncode: int, stopped: bool = False
-) -> Dict[str, Any]:
-    """How an attempt of ``task`` ended (:func:`state.finish_attempt`)."""
-    return finish_attempt(
-        task.output_dir, status, returncode, _log_file(task.output_dir), stopped=stopped
-    )
-
-
-def _log_file(output_dir: str) -> str:
-    """The subprocess's output (local runs), else detectron2's log (runs inside a job, whose
-    output is submitit's job log)."""
-    path = os.path.join(output_dir, RUN_LOG_FILE)
-    return path if os.path.exists(path) else os.path.join(output_dir, "log.txt")
-
-
-# ------------------------------------------------------------------------------ local launcher
 
 # Processes started by execute_run in this process (to stop them on Ctrl-C).
 _ACTIVE: Dict[str, subprocess.Popen] = {}
@@ -117,18 +35,9 @@ _STOPPING = threading.Event()
 
 
 def execute_run(task: RunTask, extra_env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Runs one train_net.py subprocess to completion; records the outcome in its status file.
-
-    Never raises for a failing training: the return code and the log tail go into
-    ``<output_dir>/sweep_run.json`` (state "done", "failed" or "interrupted").
-
-    Args:
-        task: the run.
-        extra_env: environment on top of os.environ and ``task.env`` (threads, GPUs).
-
-    Returns:
-        The final status dict.
-    """
+    """Runs one train_net.py subprocess to completion, ``extra_env`` (threads, GPUs) on top of
+    os.environ and ``task.env``; returns its final status, recorded by :func:`finish_status`
+    (never raises for a failing training)."""
     resume = has_checkpoint(task.output_dir)
     status = start_status(task, resume)
     env = {**os.environ, **task.env, **(extra_env or {})}
@@ -152,14 +61,11 @@ def execute_run(task: RunTask, extra_env: Optional[Dict[str, str]] = None) -> Di
         if process is not None:
             with _ACTIVE_LOCK:
                 _ACTIVE[task.name] = process
+            heartbeat = Heartbeat(task.output_dir, status)
             try:
-                while True:
-                    try:
-                        process.wait(timeout=HEARTBEAT_S)
-                        break
-                    except subprocess.TimeoutExpired:
-                        beat(task.output_dir, status)
+                process.wait()
             finally:
+                heartbeat.stop()
                 with _ACTIVE_LOCK:
                     _ACTIVE.pop(task.name, None)
     returncode = process.returncode if process is not None else 1
@@ -167,31 +73,22 @@ def execute_run(task: RunTask, extra_env: Optional[Dict[str, str]] = None) -> Di
 
 
 def stop_active_runs(timeout: float = 300.0) -> None:
-    """One SIGTERM to every running training's main process (train_net.py then saves a
-    checkpoint after the current iteration and exits); waits, then kills what is left, process
-    groups included."""
+    """One SIGTERM to every running training's main process (it saves a checkpoint and exits);
+    waits, then kills what is left, process groups included."""
     _STOPPING.set()
     with _ACTIVE_LOCK:
         processes = list(_ACTIVE.values())
     for process in processes:
-        # The main process only, not its group: train_net.py stops its workers and forwards the
-        # signal to its ranks itself, and a train script of the user's own whose DataLoader
-        # workers do not ignore it (engine.spare_loader_workers) would lose them to torch's
-        # worker handler mid-step. (send_signal skips a process that has already exited.)
+        # The main process only, not its group: train_net.py stops its workers and ranks itself
+        # (docs/sweeps.md, "Stopping and resuming"). send_signal skips a process that has exited.
         process.send_signal(signal.SIGTERM)
     deadline = time.time() + timeout
     for process in processes:
         try:
             process.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def available_cores() -> int:
@@ -199,6 +96,12 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def thread_env(parallel: int) -> Dict[str, str]:
+    """OMP / MKL threads of each of ``parallel`` runs at a time: their share of the cores."""
+    threads = str(max(1, available_cores() // parallel))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def visible_gpus() -> List[str]:
@@ -215,12 +118,9 @@ def visible_gpus() -> List[str]:
 
 
 def gpu_slots(parallel: int, num_gpus: int, gpus: List[str]) -> List[Dict[str, str]]:
-    """The environment of each local slot: its own ``num_gpus`` GPUs.
-
-    Runs never share a GPU: with fewer GPUs than ``parallel * num_gpus`` there are fewer slots
-    (said loudly). ``num_gpus`` 0 means CPU runs; without any visible GPU the runs themselves
-    decide (train_net.py refuses a CUDA config unless MASKLAB_ALLOW_CPU=1).
-    """
+    """The environment of each local slot: its own ``num_gpus`` GPUs, never shared (fewer slots,
+    said loudly, when there are too few); ``num_gpus`` 0: CPU runs; no visible GPU: the runs decide
+    (train_net.py refuses a CUDA config unless MASKLAB_ALLOW_CPU=1)."""
     if num_gpus == 0:  # CPU runs, asked for: no GPU, and train_net.py may use the CPU
         return [{"CUDA_VISIBLE_DEVICES": "", "MASKLAB_ALLOW_CPU": "1"}] * parallel
     if not gpus:
@@ -241,22 +141,18 @@ def gpu_slots(parallel: int, num_gpus: int, gpus: List[str]) -> List[Dict[str, s
 
 class LocalLauncher:
     """Runs tasks as subprocesses of this process, ``parallel`` at a time, each on its own GPUs
-    (:func:`gpu_slots`) and with OMP_NUM_THREADS = max(1, cores // parallel)."""
+    (:func:`gpu_slots`) and with its share of the cores (:func:`thread_env`)."""
 
-    kind = "local"
+    max_in_flight = None  # the pool queues them itself
 
     def __init__(self, parallel: int, num_gpus: int = 1):
         slots = gpu_slots(parallel, num_gpus, visible_gpus())
         self.parallel = len(slots)
-        threads = str(max(1, available_cores() // self.parallel))
-        self.base_env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        self.base_env = thread_env(self.parallel)
         self.slots: "queue.Queue[Dict[str, str]]" = queue.Queue()
         for slot in slots:
             self.slots.put(slot)
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.parallel, thread_name_prefix="sweep"
-        )
-        self.max_in_flight = None  # the pool queues them itself
+        self.pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="sweep")
 
     def _execute(self, task: RunTask) -> Dict[str, Any]:
         if _STOPPING.is_set():

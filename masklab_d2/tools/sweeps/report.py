@@ -1,32 +1,5 @@
-"""Tables and plots of a sweep's results (``python -m masklab_d2.tools.sweep FILE --report``).
-
-Writes into the sweep's output root:
-
-* ``results.csv``: one row per run (cell x seed): its state, axis values, the iteration and
-  training time (summed over the segments of a resumed run) of its final evaluation and the
-  metrics of that evaluation (the last record of its metrics.json with "segm/AP", else
-  "bbox/AP"; with several test sets, those of the first of DATASETS.TEST). Unfinished and stale
-  runs show their latest evaluation, if any, with their state.
-* ``results.md``: one row per cell, mean ± std (sample std) over its finished seeds of the
-  sweep's ``table`` metrics (default: box AP, mask AP, mask AP50 / AP75 and, when the evaluator
-  reports them, seen / unseen mask AP) and of the training seconds per iteration; the number of
-  runs done; the sum of the runs' wall times. Cells without a finished run show "—" and their
-  runs' states; a metric that a cell's finished runs did not report shows "n/a", and one that
-  only some of them reported gives its number of runs, "(n=1)".
-* ``ap_bars.png``: box, mask and Boundary AP per cell, grouped bars, with std error bars where a
-  cell has more than one finished seed;
-  ``seen_unseen_mask_ap.png``: the same for seen vs unseen mask and Boundary AP (partially
-  supervised sweeps only: a sweep without unseen AP gets no such plot);
-  ``mask_ap_vs_iteration.png``: mask AP (solid) and Boundary AP (dashed) of the periodic
-  evaluations, mean over seeds per cell; only cells evaluated at two iterations or more are
-  drawn, and with none there is no file (a plot left by an earlier report is removed: a single
-  final evaluation is no curve).
-
-Boundary AP (``boundary/...``, the evaluator's) goes beside mask AP wherever mask AP appears:
-each mask AP key (``segm/AP``, ``segm/<group>/AP``) of the table brings its Boundary AP twin
-unless the sweep's ``table`` names Boundary AP keys itself, and the CSV has the twin of every mask
-metric. Runs evaluated before the evaluator had Boundary AP show "n/a" (blank in the CSV).
-"""
+"""A sweep's report (``--report``): results.csv, results.md, paired.csv and plots, described in
+docs/sweeps.md."""
 
 import csv
 import datetime
@@ -36,70 +9,45 @@ import re
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
+from matplotlib.figure import Figure  # files only: no pyplot, no display
+from tabulate import tabulate
 
-matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-
-from masklab_d2.tools.sweeps.fingerprint import fingerprints_of  # noqa: E402
-from masklab_d2.tools.sweeps.spec import Run, SweepSpec, cell_name, column_name  # noqa: E402
-from masklab_d2.tools.sweeps.state import (  # noqa: E402
+from masklab_d2.tools.sweeps.fingerprint import fingerprints_of
+from masklab_d2.tools.sweeps.spec import Run, SweepSpec, cell_name, column_name
+from masklab_d2.tools.sweeps.state import (
     DONE,
-    STATUS_FILE,
     evaluation_records,
-    read_json,
     read_metrics,
+    read_status,
     run_config,
     run_state,
 )
-from masklab_d2.tools.sweeps.stats import compare_cells, write_comparisons  # noqa: E402
+from masklab_d2.tools.sweeps.stats import compare_cells, write_comparisons
 
 MASK, BOUNDARY = "segm/", "boundary/"
 
 
-def boundary_twin(key: str) -> Optional[str]:
-    """The Boundary AP key of a mask AP key ("segm/seen/AP" -> "boundary/seen/AP"), else None."""
-    return BOUNDARY + key[len(MASK) :] if key.startswith(MASK) else None
+def _header(key: str) -> str:
+    """A metric's column header: "segm/AP50" -> "mask AP50", "segm/seen/AP" -> "seen AP",
+    "boundary/seen/AP" -> "seen boundary AP", "bbox/AP" -> "box AP"."""
+    kind, *group, metric = key.split("/")
+    name = {"bbox": "box", "segm": "mask", "boundary": "boundary"}[kind]
+    if not group:
+        return f"{name} {metric}"
+    return f"{group[0]} {metric}" if kind == "segm" else f"{group[0]} {name} {metric}"
 
 
-def _boundary_header(header: str) -> str:
-    # "mask AP50" -> "boundary AP50", "seen AP" -> "seen boundary AP".
-    if header.startswith("mask "):
-        return "boundary " + header[len("mask ") :]
-    group, metric = header.rsplit(" ", 1)
-    return f"{group} boundary {metric}"
-
-
-_MASK_METRICS = (
-    ("segm/AP", "mask AP"),
-    ("segm/AP50", "mask AP50"),
-    ("segm/AP75", "mask AP75"),
-    ("segm/APs", "mask APs"),
-    ("segm/APm", "mask APm"),
-    ("segm/APl", "mask APl"),
-    ("segm/seen/AP", "seen AP"),
-    ("segm/seen/AP50", "seen AP50"),
-    ("segm/unseen/AP", "unseen AP"),
-    ("segm/unseen/AP50", "unseen AP50"),
-    ("segm/voc/AP", "voc AP"),
-    ("segm/nonvoc/AP", "nonvoc AP"),
-)
-# (metrics.json key, table header), in column order: box AP, then each mask metric followed by
-# its Boundary AP twin.
-CSV_METRICS = (
-    ("bbox/AP", "box AP"),
-    ("bbox/AP50", "box AP50"),
-    ("bbox/AP75", "box AP75"),
-) + tuple(
-    pair
-    for key, header in _MASK_METRICS
-    for pair in ((key, header), (boundary_twin(key), _boundary_header(header)))
+_MASK_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # all classes, then by class group
+_MASK_METRICS += ("seen/AP", "seen/AP50", "unseen/AP", "unseen/AP50", "voc/AP", "nonvoc/AP")
+# results.csv's metrics.json keys, in column order: box AP, then each mask metric followed by its
+# Boundary AP twin.
+CSV_METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75") + tuple(
+    kind + metric for metric in _MASK_METRICS for kind in (MASK, BOUNDARY)
 )
 TABLE_METRICS = ("bbox/AP", "segm/AP", "segm/AP50", "segm/AP75", "segm/seen/AP", "segm/unseen/AP")
 # Not a metric of metrics.json: training seconds per iteration, from the log (see summarize).
 SECONDS_PER_ITERATION = "s/iter"
-HEADERS = dict(CSV_METRICS, **{SECONDS_PER_ITERATION: "s / iter"})
+HEADERS = dict({key: _header(key) for key in CSV_METRICS}, **{SECONDS_PER_ITERATION: "s / iter"})
 _MISSING = "—"
 _NOT_REPORTED = "n/a"
 _TRAINING_TIME = re.compile(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+):(\d+)")
@@ -108,29 +56,13 @@ _TRAINING_TIME = re.compile(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+)
 def primary_metrics(
     records: Sequence[Dict[str, Any]], datasets: Sequence[str] = ()
 ) -> List[Dict[str, Any]]:
-    """The records with one test set's metrics under plain keys ("segm/AP").
-
-    detectron2 prefixes the keys with the dataset ("coco_val/segm/AP") when DATASETS.TEST holds
-    several; the report shows the first of ``datasets`` (else the first prefix found).
-    """
+    """The records with one test set's metrics under plain keys ("segm/AP"): with several test
+    sets detectron2 prefixes them ("coco_val/segm/AP"); the first of ``datasets`` is shown."""
     prefixes = [k.split("/")[0] for r in records for k in r if re.match(r"[^/]+/(segm|bbox)/", k)]
     if not prefixes or any(k.startswith(("segm/", "bbox/")) for r in records for k in r):
         return list(records)
-    primary = next((d for d in datasets if d in prefixes), prefixes[0])
-    start = len(primary) + 1
-    return [
-        {(k[start:] if k.startswith(primary + "/") else k): v for k, v in r.items()}
-        for r in records
-    ]
-
-
-def final_evaluation(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The last record with mask AP ("segm/AP"), else with box AP; None without evaluations."""
-    for key in ("segm/AP", "bbox/AP"):
-        matching = [r for r in records if key in r]
-        if matching:
-            return matching[-1]
-    return None
+    primary = next((d for d in datasets if d in prefixes), prefixes[0]) + "/"
+    return [{k.removeprefix(primary): v for k, v in r.items()} for r in records]
 
 
 def training_time_s(output_dir: str) -> Optional[float]:
@@ -143,30 +75,22 @@ def training_time_s(output_dir: str) -> Optional[float]:
         return None
     if not matches:
         return None
-    total = 0
-    for match in matches:
-        days, hours, minutes, seconds = (int(x or 0) for x in match)
-        total += ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    return total
+    return sum(
+        ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + int(seconds)
+        for days, hours, minutes, seconds in matches
+    )
 
 
-def collect(
-    runs: Sequence[Run], fingerprints: Optional[Dict[str, Dict[str, str]]] = None
-) -> List[Dict[str, Any]]:
-    """Per run: name, cell, seed, state, axis values, iteration, times, final metrics, curve.
-
-    Args:
-        runs: the runs.
-        fingerprints: {run name: fingerprint}; runs of another config or code are "stale" and
-            stay out of the means.
-    """
-    fingerprints = fingerprints or {}
+def collect(runs: Sequence[Run], fingerprints: Dict[str, Dict[str, str]]) -> List[Dict[str, Any]]:
+    """Per run: name, cell, seed, state, axis values, iteration, times, final metrics, curve; runs
+    not of their ``fingerprints`` are "stale" (and stay out of the means)."""
     rows = []
     for run in runs:
         datasets = (run_config(run.output_dir).get("DATASETS") or {}).get("TEST") or ()
         records = primary_metrics(read_metrics(run.output_dir), datasets)
-        final = final_evaluation(records) or {}
-        status = read_json(os.path.join(run.output_dir, STATUS_FILE)) or {}
+        # The final evaluation: the last record with mask AP, else with box AP.
+        final = next((r for k in ("segm/AP", "bbox/AP") for r in reversed(records) if k in r), {})
+        status = read_status(run.output_dir)
         evaluations = evaluation_records(records)
         rows.append(
             {
@@ -198,16 +122,6 @@ def _curve(records: Sequence[Dict[str, Any]], key: str) -> List[Tuple[int, float
     ]
 
 
-def _columns(runs: Sequence[Run]) -> List[str]:
-    """Every axis / key column of the cells, in first-seen order."""
-    columns: List[str] = []
-    for run in runs:
-        for column, _ in run.cell.values:
-            if column not in columns:
-                columns.append(column)
-    return columns
-
-
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     if len(values) > 1:
         return statistics.mean(values), statistics.stdev(values)
@@ -227,20 +141,17 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for cell in cells.values():
         finished = [r for r in cell["rows"] if r["state"] == DONE]
         cell["done"], cell["seeds"] = len(finished), len(cell["rows"])
-        cell["stats"] = {}
         # Every metric of the finished runs, so that a sweep's `table` may name any of them.
-        for key in dict.fromkeys(k for r in finished for k in r["metrics"]):
-            values = [r["metrics"][key] for r in finished if key in r["metrics"]]
-            mean, std = _mean_std(values)
-            cell["stats"][key] = (mean, std, len(values))
-        per_iteration = [
+        samples = {
+            key: [r["metrics"][key] for r in finished if key in r["metrics"]]
+            for key in dict.fromkeys(k for r in finished for k in r["metrics"])
+        }
+        samples[SECONDS_PER_ITERATION] = [
             r["train_time_s"] / r["iteration"]
             for r in finished
             if r["train_time_s"] and r["iteration"]
         ]
-        if per_iteration:
-            mean, std = _mean_std(per_iteration)
-            cell["stats"][SECONDS_PER_ITERATION] = (mean, std, len(per_iteration))
+        cell["stats"] = {key: (*_mean_std(v), len(v)) for key, v in samples.items() if v}
     return list(cells.values())
 
 
@@ -249,7 +160,7 @@ def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: Sequence[str])
     # A Boundary AP column wherever its mask twin has one, blank for runs that predate it.
     metric_keys = [
         k
-        for k, _ in CSV_METRICS
+        for k in CSV_METRICS
         if k in reported or (k.startswith(BOUNDARY) and MASK + k[len(BOUNDARY) :] in reported)
     ]
     header = ["run", "cell", "seed", "state", *columns, "iteration", "train_time_s", "wall_time_s"]
@@ -276,28 +187,21 @@ def _blank(value: Any, digits: Optional[int] = None) -> str:
 
 
 def _runs_cell(cell: Dict[str, Any]) -> str:
-    text = f"{cell['done']}/{cell['seeds']}"
-    others = {s: n for s, n in cell["states"].items() if s != DONE}
-    if others:
-        text += " (" + ", ".join(f"{n} {s}" for s, n in sorted(others.items())) + ")"
-    return text
+    others = ", ".join(f"{n} {s}" for s, n in sorted(cell["states"].items()) if s != DONE)
+    return f"{cell['done']}/{cell['seeds']}" + (f" ({others})" if others else "")
 
 
 def table_keys(table: Sequence[str] = ()) -> Tuple[List[str], Dict[str, str]]:
-    """results.md's metric keys for a sweep's ``table`` (default: TABLE_METRICS), each mask AP
-    key followed by its Boundary AP twin unless the table names Boundary AP keys itself.
-
-    Returns:
-        The keys, and {twin added: its mask AP key}.
-    """
+    """results.md's metric keys for a ``table`` (default: TABLE_METRICS), each mask AP key with its
+    Boundary AP twin unless the table names some itself; and {twin added: its mask AP key}."""
     keys = list(table or TABLE_METRICS)
     if any(k.startswith(BOUNDARY) for k in keys):
         return keys, {}
     wanted, twins = [], {}
     for key in keys:
         wanted.append(key)
-        twin = boundary_twin(key)
-        if twin is not None and key.endswith("/AP") and twin not in keys:
+        twin = BOUNDARY + key[len(MASK) :]  # "segm/seen/AP" -> "boundary/seen/AP"
+        if key.startswith(MASK) and key.endswith("/AP") and twin not in keys:
             wanted.append(twin)
             twins[twin] = key
     return wanted, twins
@@ -314,7 +218,7 @@ def _cell_text(cell: Dict[str, Any], key: str) -> str:
 
 
 def markdown_table(spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
-    """results.md's table: one row per cell, the sweep's ``table`` metrics (module docstring)."""
+    """results.md's table: one row per cell, the sweep's ``table`` metrics."""
     wanted, twins = table_keys(spec.table)
     wanted.append(SECONDS_PER_ITERATION)
     # A Boundary AP twin shows wherever its mask AP does, "n/a" in runs that predate it.
@@ -326,18 +230,15 @@ def markdown_table(spec: SweepSpec, cells: Sequence[Dict[str, Any]], columns: Se
         present = [k for k in wanted if not k.startswith(groups)]
     # Cells named in the sweep file (or without values) are told apart by their name only.
     named = not columns or any(c["cell"] != cell_name(list(c["values"].items())) for c in cells)
-    table = []
-    for cell in cells:
-        line = ([cell["cell"]] if named else []) + [cell["values"].get(c, "") for c in columns]
-        line.append(_runs_cell(cell))
-        line.extend(_cell_text(cell, key) for key in present)
-        table.append(line)
-    headers = (
-        (["cell"] if named else [])
-        + list(columns)
-        + ["runs done"]
-        + [HEADERS.get(k, k) for k in present]
-    )
+    table = [
+        ([cell["cell"]] if named else [])
+        + [cell["values"].get(c, "") for c in columns]
+        + [_runs_cell(cell)]
+        + [_cell_text(cell, key) for key in present]
+        for cell in cells
+    ]
+    headers = [HEADERS.get(k, k) for k in present]
+    headers = (["cell"] if named else []) + list(columns) + ["runs done"] + headers
     return tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
@@ -347,27 +248,22 @@ def write_markdown(
     table = markdown_table(spec, cells, columns)
     missing = [c["cell"] for c in cells if c["done"] == 0]
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    shown = os.path.relpath(spec.path) if spec.path.startswith(os.getcwd()) else spec.path
+    wall = sum(r["wall_time_s"] or 0.0 for c in cells for r in c["rows"])
+    text = (
+        f"# Sweep {spec.name}\n\n`{shown}`, {len(cells)} cells, "
+        f"{sum(c['seeds'] for c in cells)} runs; written {stamp}.\n\n"
+        "COCO AP (%), mean ± std (sample) over the finished seeds of each cell (one value: one "
+        "seed); training seconds per iteration. Runs' wall time in all: "
+        f"{wall / 3600:.2f} h.\n\n{table}\n"
+    )
+    if missing:
+        text += f"\nNo finished run yet ({_MISSING}): {', '.join(missing)}.\n"
+    if _NOT_REPORTED in table:
+        text += f"\n{_NOT_REPORTED}: not reported by the cell's finished runs (Boundary AP: runs "
+        text += "evaluated before the evaluator had it).\n"
     with open(path, "w") as f:
-        f.write(f"# Sweep {spec.name}\n\n")
-        shown = os.path.relpath(spec.path) if spec.path.startswith(os.getcwd()) else spec.path
-        f.write(
-            f"`{shown}`, {len(cells)} cells, {sum(c['seeds'] for c in cells)} runs; "
-            f"written {stamp}.\n\n"
-        )
-        wall = sum(r["wall_time_s"] or 0.0 for c in cells for r in c["rows"])
-        f.write(
-            "COCO AP (%), mean ± std (sample) over the finished seeds of each cell (one value: "
-            f"one seed); training seconds per iteration. Runs' wall time in all: {wall / 3600:.2f} "
-            "h.\n\n"
-        )
-        f.write(table + "\n")
-        if missing:
-            f.write(f"\nNo finished run yet ({_MISSING}): {', '.join(missing)}.\n")
-        if _NOT_REPORTED in table:
-            f.write(
-                f"\n{_NOT_REPORTED}: not reported by the cell's finished runs (Boundary AP: runs "
-                "evaluated before the evaluator had it).\n"
-            )
+        f.write(text)
 
 
 def _label(cell: Dict[str, Any]) -> str:
@@ -379,22 +275,17 @@ def _label(cell: Dict[str, Any]) -> str:
 
 
 def plot_bars(
-    path: str,
-    cells: Sequence[Dict[str, Any]],
-    keys: Sequence[str],
-    title: str,
-    needs: Sequence[str] = (),
-) -> bool:
+    cells: Sequence[Dict[str, Any]], keys: Sequence[str], title: str, needs: Sequence[str] = ()
+) -> Optional[Figure]:
     """Grouped bars (one group per cell, one bar per metric) with std error bars, "n/a" where a
-    finished cell lacks a metric others have; nothing (False) when no cell has a metric of
-    ``keys`` or one of ``needs``."""
+    finished cell lacks a metric others have; None when no cell has a metric of ``keys`` or one
+    of ``needs``."""
     keys = [k for k in keys if any(k in c["stats"] for c in cells)]
     if not keys or not cells or any(all(k not in c["stats"] for c in cells) for k in needs):
-        return False
+        return None
     width = 0.8 / len(keys)
-    figure, axes = plt.subplots(
-        figsize=(max(6.0, 1.2 + 1.1 * len(cells) * max(1, len(keys) / 2)), 4.8)
-    )
+    figure = Figure(figsize=(max(6.0, 1.2 + 1.1 * len(cells) * max(1, len(keys) / 2)), 4.8))
+    axes = figure.subplots()
     positions = range(len(cells))
     for index, key in enumerate(keys):
         means = [c["stats"][key][0] if key in c["stats"] else math.nan for c in cells]
@@ -402,17 +293,7 @@ def plot_bars(
         axes.bar(offsets, means, width, label=HEADERS.get(key, key))
         for x, cell in zip(offsets, cells):
             if cell["done"] and key not in cell["stats"]:
-                axes.text(
-                    x,
-                    0.03,
-                    _NOT_REPORTED,
-                    transform=axes.get_xaxis_transform(),
-                    ha="center",
-                    va="bottom",
-                    rotation=90,
-                    fontsize=7,
-                    color="gray",
-                )
+                _note(axes, x, _NOT_REPORTED, fontsize=7)
         # Error bars only where there is a spread to show: one seed has none.
         spread = [
             (x, c["stats"][key][0], c["stats"][key][1])
@@ -424,17 +305,7 @@ def plot_bars(
             axes.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="black", capsize=3, elinewidth=1)
     for position, cell in zip(positions, cells):
         if cell["done"] == 0:
-            axes.text(
-                position,
-                0.03,
-                "missing",
-                transform=axes.get_xaxis_transform(),
-                ha="center",
-                va="bottom",
-                rotation=90,
-                fontsize=8,
-                color="gray",
-            )
+            _note(axes, position, "missing", fontsize=8)
     axes.set_xlim(-0.6, len(cells) - 0.4)
     axes.set_xticks(list(positions))
     axes.set_xticklabels([_label(c) for c in cells], fontsize=8, rotation=20, ha="right")
@@ -443,10 +314,13 @@ def plot_bars(
     axes.set_title(title)
     axes.legend(fontsize=8)
     axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    return figure
+
+
+def _note(axes, x: float, text: str, fontsize: int) -> None:
+    """Grey vertical text at the foot of the bars at ``x``."""
+    style = {"ha": "center", "va": "bottom", "rotation": 90, "fontsize": fontsize, "color": "gray"}
+    axes.text(x, 0.03, text, transform=axes.get_xaxis_transform(), **style)
 
 
 def _mean_curve(rows: Sequence[Dict[str, Any]], field: str):
@@ -462,12 +336,12 @@ def _mean_curve(rows: Sequence[Dict[str, Any]], field: str):
     return iterations, [_mean_std(by_iteration[i]) for i in iterations], several
 
 
-def plot_curves(path: str, cells: Sequence[Dict[str, Any]]) -> bool:
-    """Mask AP (solid) and Boundary AP (dashed, in the cell's colour, where the runs report it)
-    vs iteration per cell: mean over the seeds that evaluated at each iteration, a band of
-    ± std where there are several."""
-    figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    drawn = boundary_drawn = False
+def plot_curves(cells: Sequence[Dict[str, Any]]) -> Optional[Figure]:
+    """Mask AP (solid) and Boundary AP (dashed, same colour) vs iteration per cell: mean over the
+    seeds evaluated there, ± std band where there are several."""
+    figure = Figure(figsize=(7.5, 4.8))
+    axes = figure.subplots()
+    boundary_drawn = False
     for cell in cells:
         mask = _mean_curve(cell["rows"], "curve")
         if mask is None:
@@ -475,64 +349,47 @@ def plot_curves(path: str, cells: Sequence[Dict[str, Any]]) -> bool:
         label = _label(cell).replace("\n", ", ")
         if cell["done"] != cell["seeds"]:
             label += f" [{_runs_cell(cell)} done]"
+        boundary = _mean_curve(cell["rows"], "boundary_curve")
         colour = None
-        for field, style in (("curve", "-"), ("boundary_curve", "--")):
-            curve = mask if field == "curve" else _mean_curve(cell["rows"], field)
+        for curve, style, name in ((mask, "-", label), (boundary, "--", None)):
             if curve is None:
                 continue
-            iterations, stats, several = curve
+            xs, stats, several = curve
             means = [m for m, _ in stats]
-            (line,) = axes.plot(
-                iterations,
-                means,
-                style,
-                marker="o",
-                markersize=3,
-                color=colour,
-                label=label if field == "curve" else None,
-            )
+            (line,) = axes.plot(xs, means, style, marker="o", ms=3, color=colour, label=name)
             colour = line.get_color()
             if several:
-                low = [m - s for m, s in stats]
-                high = [m + s for m, s in stats]
-                axes.fill_between(iterations, low, high, color=colour, alpha=0.2)
-            boundary_drawn |= field == "boundary_curve"
-        drawn = True
-    if not drawn:
-        plt.close(figure)
-        return False
+                low, high = [m - s for m, s in stats], [m + s for m, s in stats]
+                axes.fill_between(xs, low, high, color=colour, alpha=0.2)
+        boundary_drawn |= boundary is not None
+    if not axes.lines:
+        return None
     axes.set_xlabel("iteration")
-    if boundary_drawn:
-        axes.set_ylabel("mask AP (solid), Boundary AP (dashed) (%)")
-        axes.set_title("mask and Boundary AP during training (mean ± std over seeds)")
-    else:
-        axes.set_ylabel("mask AP (%)")
-        axes.set_title("mask AP during training (mean ± std over seeds)")
+    axes.set_ylabel(
+        "mask AP (solid), Boundary AP (dashed) (%)" if boundary_drawn else "mask AP (%)"
+    )
+    what = "mask and Boundary AP" if boundary_drawn else "mask AP"
+    axes.set_title(f"{what} during training (mean ± std over seeds)")
     axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    return figure
+
+
+def comparisons(spec: SweepSpec, cells: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The paired comparisons of :func:`summarize`'s cells with the sweep's ``baseline``."""
+    axis_columns = [column_name(axis) for axis in spec.axes]
+    return compare_cells(cells, axis_columns, spec.baseline, table_keys(spec.table)[0])
 
 
 def write_report(
     spec: SweepSpec, runs: Sequence[Run], output_dir: Optional[str] = None
 ) -> Dict[str, str]:
-    """Writes the report files (module docstring) for ``runs`` of ``spec``.
-
-    Args:
-        spec: the sweep.
-        runs: its runs (all, or a filtered subset).
-        output_dir: where to write; the sweep's output root by default.
-
-    Returns:
-        {kind: path} of the files written.
-    """
+    """Writes the report files for ``runs`` of ``spec`` (all, or a filtered subset) into
+    ``output_dir`` (the sweep's output root by default); returns {kind: path} of those written."""
     output_dir = output_dir or spec.output_root
     os.makedirs(output_dir, exist_ok=True)
     rows = collect(runs, fingerprints_of(runs))
-    columns = _columns(runs)
+    columns = list(dict.fromkeys(column for run in runs for column, _ in run.cell.values))
     cells = summarize(rows)
     paths = {
         "csv": os.path.join(output_dir, "results.csv"),
@@ -542,26 +399,23 @@ def write_report(
     write_markdown(paths["markdown"], spec, cells, columns)
     if spec.baseline:
         paths["paired"] = os.path.join(output_dir, "paired.csv")
-        axis_columns = [column_name(axis) for axis in spec.axes]
-        metrics = table_keys(spec.table)[0]
-        comparisons = compare_cells(cells, axis_columns, spec.baseline, metrics)
-        write_comparisons(paths["paired"], paths["markdown"], comparisons, HEADERS)
-    plots = {
-        "ap_bars": lambda p: plot_bars(
-            p, cells, ("bbox/AP", "segm/AP", "boundary/AP"), "box, mask and Boundary AP per cell"
+        write_comparisons(paths["paired"], paths["markdown"], comparisons(spec, cells), HEADERS)
+    groups = ("segm/seen/AP", "segm/unseen/AP", "boundary/seen/AP", "boundary/unseen/AP")
+    figures = {
+        "ap_bars": plot_bars(
+            cells, ("bbox/AP", "segm/AP", "boundary/AP"), "box, mask and Boundary AP per cell"
         ),
-        "seen_unseen_mask_ap": lambda p: plot_bars(
-            p,
-            cells,
-            ("segm/seen/AP", "segm/unseen/AP", "boundary/seen/AP", "boundary/unseen/AP"),
-            "mask and Boundary AP on seen vs unseen classes",
-            needs=("segm/unseen/AP",),  # full supervision: every class is "seen", no comparison
+        # Without unseen AP (full supervision: every class is "seen") there is no comparison.
+        "seen_unseen_mask_ap": plot_bars(
+            cells, groups, "mask and Boundary AP on seen vs unseen classes", ("segm/unseen/AP",)
         ),
-        "mask_ap_vs_iteration": lambda p: plot_curves(p, cells),
+        "mask_ap_vs_iteration": plot_curves(cells),
     }
-    for name, draw in plots.items():
+    for name, figure in figures.items():
         path = os.path.join(output_dir, f"{name}.png")
-        if draw(path):
+        if figure is not None:
+            figure.tight_layout()
+            figure.savefig(path, dpi=120)
             paths[name] = path
         elif os.path.exists(path):  # left by an earlier report; it no longer describes the runs
             os.remove(path)

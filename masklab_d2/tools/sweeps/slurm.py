@@ -1,35 +1,38 @@
-"""Slurm (and local submitit) jobs: the ``slurm:`` settings as submitit parameters, the job
-that trains one run in its own process(es), and the launcher that submits them.
+"""Slurm (and local submitit) jobs: the ``slurm:`` settings as submitit parameters (docs/sweeps.md),
+the job that trains one run in its own process(es), and the launcher that submits them."""
 
-``slurm:`` keys are submitit's own names (``slurm_partition``, ``timeout_min``, ...; any
-parameter of submitit's SlurmExecutor may drop its ``slurm_`` prefix), plus the shorter names of
-:data:`_FRIENDLY` that earlier sweep files use.
-"""
-
+import contextlib
 import dataclasses
 import glob
-import importlib.util
 import logging
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from masklab_d2.tools.sweeps.launch import RunTask, available_cores, finish_status, start_status
+from masklab_d2.tools.sweeps.commands import RunTask
+from masklab_d2.tools.sweeps.launch import thread_env
 from masklab_d2.tools.sweeps.spec import REPO_ROOT, SweepError, SweepSpec
-from masklab_d2.tools.sweeps.state import INTERRUPTED, Heartbeat, has_checkpoint, mark_queued
+from masklab_d2.tools.sweeps.state import (
+    INTERRUPTED,
+    Heartbeat,
+    finish_status,
+    has_checkpoint,
+    mark_queued,
+    start_status,
+)
 from masklab_d2.utils import stop_signals
 from masklab_d2.utils.stop_signals import EXIT_INTERRUPTED
 
 logger = logging.getLogger(__name__)
 
-# Shorter names earlier sweep files use for submitit parameters named otherwise; submitit's other
-# Slurm parameters (partition, account, qos, constraint, array_parallelism, ...) may drop their
-# "slurm_" prefix, and its generic ones are taken as they are.
+# Shorter names for submitit parameters; its other Slurm parameters (partition, account, ...) may
+# drop their "slurm_" prefix, and its generic ones are taken as they are.
 _FRIENDLY = {
     "time": "timeout_min",
     "gpus": "gpus_per_node",
@@ -41,12 +44,8 @@ _GENERIC_SUBMITIT_KEYS = ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_
 
 
 def slurm_parameters(spec: SweepSpec) -> Dict[str, Any]:
-    """The sweep's ``slurm:`` settings as submitit AutoExecutor parameters.
-
-    One task per GPU (submitit sets up each task's distributed environment); the job array runs
-    as many jobs at once as ``slurm: {array_parallelism: n}`` allows (submitit's default 256),
-    independently of the local ``parallel``.
-    """
+    """The sweep's ``slurm:`` settings as submitit AutoExecutor parameters, one task per GPU
+    (submitit sets up each task's distributed environment)."""
     params: Dict[str, Any] = {
         "name": spec.name,
         "timeout_min": 720,
@@ -57,14 +56,13 @@ def slurm_parameters(spec: SweepSpec) -> Dict[str, Any]:
     for key, value in spec.slurm.items():
         if key == "snapshot":  # the sweep's own setting (SubmititLauncher)
             continue
-        target = _FRIENDLY.get(key)
-        if target is None and key in _GENERIC_SUBMITIT_KEYS:
+        if key in _FRIENDLY:
+            target = _FRIENDLY[key]
+        elif key in _GENERIC_SUBMITIT_KEYS or key.startswith("slurm_"):
             target = key
-        if target is None and key.startswith("slurm_"):
-            target = key
-        if target is None and _is_slurm_parameter(key):
+        elif submitit is not None and key in submitit.SlurmExecutor._valid_parameters():
             target = f"slurm_{key}"
-        if target is None:
+        else:
             raise SweepError(
                 f"{spec.path}: unknown slurm setting {key!r}; use {sorted(_FRIENDLY)}, "
                 f"{list(_GENERIC_SUBMITIT_KEYS)} or a submitit slurm_* parameter"
@@ -82,36 +80,13 @@ def slurm_parameters(spec: SweepSpec) -> Dict[str, Any]:
     return params
 
 
-def _is_slurm_parameter(key: str) -> bool:
-    try:
-        import submitit
-    except ImportError:
-        return False
-    return key in submitit.SlurmExecutor._valid_parameters()
-
-
 def _minutes(value: Any) -> int:
     """Slurm time: minutes, "HH:MM:SS", "MM:SS" or "D-HH:MM:SS" -> minutes."""
     if isinstance(value, (int, float)):
         return int(math.ceil(value))
     days, _, clock = str(value).rpartition("-")
-    parts = [int(x) for x in clock.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    hours, minutes, seconds = parts
+    *_, hours, minutes, seconds = [0, 0] + [int(x) for x in clock.split(":")]
     return int((int(days or 0) * 24 + hours) * 60 + minutes + math.ceil(seconds / 60))
-
-
-# ---------------------------------------------------------------------------- submitit jobs
-
-
-def load_train_script(path: str):
-    """train_net.py (or a script with its ``main(args)`` and ``build_argument_parser()``) as a
-    module, without running its command line."""
-    module_spec = importlib.util.spec_from_file_location("masklab_sweep_train_script", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def _init_distributed(local_world_size: int) -> None:
@@ -130,15 +105,9 @@ def _init_distributed(local_world_size: int) -> None:
 
 
 def run_in_job(task: RunTask) -> Dict[str, Any]:
-    """Runs the training of ``task`` in this (submitit job) process and records the outcome.
-
-    A graceful stop (masklab_d2.engine.graceful_stop) ends it at an iteration boundary with a
-    checkpoint; if the stop came from submitit's preemption / timeout signal, submitit's own
-    handler then takes over (the cell's ``checkpoint()``, requeue, exit), now that the
-    checkpoint is safely written. The requeued job resumes from it.
-    """
-    import submitit
-
+    """Runs the training of ``task`` in this (submitit job) process and records the outcome; a
+    graceful stop ends it with a checkpoint, then submitit's own handler of the signal takes over
+    (for preemption / timeout: ``checkpoint()``, requeue, exit) and the requeued job resumes."""
     job = submitit.JobEnvironment()
     # MASTER_ADDR, MASTER_PORT (from the job id), RANK, WORLD_SIZE for env:// (one task per GPU).
     distributed = submitit.helpers.TorchDistributedEnvironment().export(
@@ -148,8 +117,9 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     main_task = job.global_rank == 0
     resume = has_checkpoint(task.output_dir)
     status = start_status(task, resume, str(job.job_id)) if main_task else {}
-    script = load_train_script(task.train_script)
-    args = script.build_argument_parser().parse_args(task.args(resume))
+    # train_net.py (or a script with its main(args) and build_argument_parser()), not as __main__.
+    script = runpy.run_path(task.train_script, run_name="masklab_sweep_train_script")
+    args = script["build_argument_parser"]().parse_args(task.args(resume))
     # Records stop signals; submitit's handlers stay as the previous ones, called below.
     stop_signals.install_signal_handlers()
     returncode = 0
@@ -157,7 +127,7 @@ def run_in_job(task: RunTask) -> Dict[str, Any]:
     try:
         if distributed.world_size > 1:
             _init_distributed(distributed.local_world_size)
-        script.main(args)
+        script["main"](args)
         if distributed.world_size > 1:
             from detectron2.utils import comm
 
@@ -201,8 +171,7 @@ try:
             return run_in_job(self.task)
 
         def checkpoint(self, *args, **kwargs):
-            # Called by submitit's handler once the graceful stop saved (see run_in_job); the
-            # requeued job finds the checkpoint and runs with --resume.
+            # Called by submitit's handler once the graceful stop saved (see run_in_job).
             return submitit.helpers.DelayedSubmission(SubmititCell(self.task))
 
 except ImportError:  # submitit is needed only by the slurm / submitit-local launchers
@@ -218,24 +187,20 @@ class SubmititLauncher:
             raise RuntimeError(
                 "the slurm and submitit-local launchers need submitit: pip install submitit"
             )
-        self.folder = os.path.join(spec.output_root, "submitit", "%j")
+        folder = os.path.join(spec.output_root, "submitit", "%j")
         params = slurm_parameters(spec)
         self.kind = "submitit-local" if local else "slurm"
         self.jobs: List[Any] = []
         self.snapshot: Optional[str] = None
         if local:
-            self.executor = submitit.LocalExecutor(folder=self.folder)
-            self.executor.update_parameters(
-                timeout_min=params["timeout_min"],
-                gpus_per_node=params["gpus_per_node"],
-                tasks_per_node=params["tasks_per_node"],
-            )
+            self.executor = submitit.LocalExecutor(folder=folder)
+            keys = ("timeout_min", "gpus_per_node", "tasks_per_node")
+            self.executor.update_parameters(**{key: params[key] for key in keys})
             # Local jobs all start at once: throttle them here instead of through Slurm.
             self.max_in_flight = spec.parallel
-            threads = str(max(1, available_cores() // spec.parallel))
-            self.env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            self.env = thread_env(spec.parallel)
         else:
-            self.executor = submitit.AutoExecutor(folder=self.folder, cluster="slurm")
+            self.executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
             self.executor.update_parameters(**params)
             self.max_in_flight = None  # slurm_array_parallelism throttles the array
             self.env = {}
@@ -254,16 +219,10 @@ class SubmititLauncher:
                     spec.output_root, "code", time.strftime("%Y%m%d-%H%M%S")
                 )
 
-    def _jobs_of(self, cells: List[Any]) -> List[Any]:
-        if self.kind != "slurm":
-            return [self.executor.submit(cell) for cell in cells]
-        with self.executor.batch():
-            jobs = [self.executor.submit(cell) for cell in cells]
-        return jobs
-
     def submit(self, tasks: List[RunTask]) -> List[Any]:
         tasks = [dataclasses.replace(t, env={**self.env, **t.env}) for t in tasks]
         submitted = time.time()
+        snapshot = contextlib.nullcontext()
         if self.snapshot:
             # Queued jobs run the code as it is now, from a copy: the repository's tracked files
             # and the compiled extension (not tracked).
@@ -271,12 +230,13 @@ class SubmititLauncher:
                 os.path.relpath(p, REPO_ROOT) for p in glob.glob(str(REPO_ROOT / "masklab_d2/*.so"))
             ]
             tasks = [_in_snapshot(t, self.snapshot) for t in tasks]
-            with submitit.helpers.RsyncSnapshot(
+            snapshot = submitit.helpers.RsyncSnapshot(
                 snapshot_dir=Path(self.snapshot), root_dir=REPO_ROOT, include=extensions
-            ):
-                jobs = self._jobs_of([SubmititCell(t) for t in tasks])
-        else:
-            jobs = self._jobs_of([SubmititCell(t) for t in tasks])
+            )
+        # A Slurm job array is submitted in one batch.
+        batch = self.executor.batch() if self.kind == "slurm" else contextlib.nullcontext()
+        with snapshot, batch:
+            jobs = [self.executor.submit(SubmititCell(t)) for t in tasks]
         for task, job in zip(tasks, jobs):
             print(f"[sweep] submitted {task.name} as job {job.job_id}", flush=True)
             if self.kind == "slurm":
@@ -285,8 +245,7 @@ class SubmititLauncher:
         return jobs
 
     def stop(self) -> None:
-        # Slurm jobs outlive the sweep process on purpose (rerun the sweep to follow them);
-        # local jobs would be orphans, so they go (submitit signals them: they checkpoint).
+        # Slurm jobs outlive the sweep (rerun it to follow them); local ones would be orphans.
         if self.kind == "submitit-local":
             for job in self.jobs:
                 if not job.done():

@@ -1,9 +1,6 @@
-"""Sweep files: the schema, parsing, run names and the expansion of the grid into runs.
+"""Sweep files (format: docs/sweeps.md): parsing, run names and the expansion into runs."""
 
-The format is described in :mod:`masklab_d2.tools.sweep`. Nothing here touches a run folder,
-knows train_net.py's command line (:mod:`.commands`) or Slurm (:mod:`.slurm`).
-"""
-
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -18,33 +15,12 @@ import yaml
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 _CELL_RESERVED_KEYS = ("name", "config", "opts", "seeds")
-_SPEC_KEYS = (
-    "name",
-    "base_config",
-    "output_root",
-    "axes",
-    "cells",
-    "seeds",
-    "opts",
-    "num_gpus",
-    "launcher",
-    "parallel",
-    "env",
-    "slurm",
-    "train_script",
-    "python",
-    "table",
-    "baseline",
-)
 _MAX_NAME_LENGTH = 120
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class SweepError(ValueError):
     """An invalid sweep file."""
-
-
-# --------------------------------------------------------------------------------------- spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +57,7 @@ class Run:
 
 @dataclasses.dataclass
 class SweepSpec:
-    """A parsed sweep file (see the module docstring for the format)."""
+    """A parsed sweep file; its fields but ``path`` are the file's keys."""
 
     path: str
     name: str
@@ -106,24 +82,15 @@ class SweepSpec:
         return os.path.dirname(os.path.abspath(self.path))
 
 
-def resolve_path(path: str, sweep_dir: str, must_exist: bool = True) -> str:
+def resolve_path(path: str, sweep_dir: str) -> str:
     """A path named in a sweep file: absolute, or relative to the sweep file, the repo or cwd."""
     path = os.path.expanduser(str(path))
-    if os.path.isabs(path):
-        candidates = [path]
-    else:
-        candidates = [
-            os.path.join(sweep_dir, path),
-            os.path.join(REPO_ROOT, path),
-            os.path.abspath(path),
-        ]
-    candidates = list(dict.fromkeys(os.path.normpath(c) for c in candidates))
+    bases = [""] if os.path.isabs(path) else [sweep_dir, str(REPO_ROOT), os.getcwd()]
+    candidates = list(dict.fromkeys(os.path.normpath(os.path.join(b, path)) for b in bases))
     for candidate in candidates:
         if os.path.exists(candidate):
             return os.path.abspath(candidate)
-    if must_exist:
-        raise SweepError(f"{path!r} not found; looked at {candidates}")
-    return os.path.abspath(candidates[-1])
+    raise SweepError(f"{path!r} not found; looked at {candidates}")
 
 
 def _pairs(opts: Any, where: str) -> List[Tuple[str, Any]]:
@@ -142,22 +109,15 @@ def _pairs(opts: Any, where: str) -> List[Tuple[str, Any]]:
 
 
 def load_sweep(path: str, output_root: Optional[str] = None) -> SweepSpec:
-    """Reads and checks a sweep file.
-
-    Args:
-        path: the YAML file.
-        output_root: replaces the file's ``output_root``.
-
-    Returns:
-        The :class:`SweepSpec`, paths made absolute.
-    """
+    """Reads and checks a sweep file; ``output_root`` replaces the file's. Paths made absolute."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: a sweep file is a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(_SPEC_KEYS))
+    keys = [field.name for field in dataclasses.fields(SweepSpec) if field.name != "path"]
+    unknown = sorted(set(raw) - set(keys))
     if unknown:
-        raise SweepError(f"{path}: unknown keys {unknown}; valid keys: {list(_SPEC_KEYS)}")
+        raise SweepError(f"{path}: unknown keys {unknown}; valid keys: {keys}")
     sweep_dir = os.path.dirname(os.path.abspath(path))
     name = str(raw.get("name") or Path(path).stem)
     if "base_config" not in raw:
@@ -179,15 +139,9 @@ def load_sweep(path: str, output_root: Optional[str] = None) -> SweepSpec:
     if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
         raise SweepError(f"{path}: 'cells' must be a list of mappings")
     seeds = parse_seeds(raw.get("seeds", [0]), path)
-    # Checked once here; the cells keep the parsed list (a count becomes its seeds).
-    cells = [
-        (
-            dict(cell, seeds=parse_seeds(cell["seeds"], f"{path}: cells[{index}]"))
-            if "seeds" in cell
-            else cell
-        )
-        for index, cell in enumerate(cells)
-    ]
+    for index, cell in enumerate(cells):  # checked once; a count becomes its seeds
+        if "seeds" in cell:
+            cells[index] = dict(cell, seeds=parse_seeds(cell["seeds"], f"{path}: cells[{index}]"))
     launcher = raw.get("launcher", "local")
     if launcher not in LAUNCHERS:
         raise SweepError(f"{path}: launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -274,21 +228,14 @@ def _parse_group(
     return config, overrides
 
 
-# ------------------------------------------------------------------------------- names, values
-
-
 def format_override(value: Any) -> str:
     """A YAML value as detectron2's merge_from_list reads it (it literal_evals strings)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bool, int, float)) or value is None:
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return repr([_plain(v) for v in value])
-    raise SweepError(f"cannot pass {value!r} ({type(value).__name__}) as a config override")
+    value = _plain(value)
+    return value if isinstance(value, str) else repr(value)
 
 
 def _plain(value: Any) -> Any:
+    """The value with tuples as lists; SweepError for what a command line cannot carry."""
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, (str, bool, int, float)) or value is None:
@@ -307,7 +254,7 @@ def format_label(value: Any) -> str:
 
 def column_name(key: str) -> str:
     """An axis or key as a column / name part: config keys lose their leading ``MODEL.``."""
-    return key[len("MODEL.") :] if key.startswith("MODEL.") else key
+    return key.removeprefix("MODEL.")
 
 
 def safe_name(text: str) -> str:
@@ -330,47 +277,30 @@ def cell_name(values: Sequence[Tuple[str, str]]) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------------- expansion
-
-
 def expand_cells(spec: SweepSpec) -> List[Cell]:
-    """The grid (product of the axes, first axis slowest) followed by the explicit cells; a
-    sweep without axes has the base config as its one grid cell only when it lists no cells.
-
-    An explicit cell equal to a grid cell is dropped; different cells whose names read alike
-    get a hash suffix (see :func:`_deduplicate`).
-
-    Raises:
-        SweepError: on an unknown group label, two groups that both set a config file, or
-            overrides of OUTPUT_DIR / SEED.
-    """
-    cells: List[Cell] = []
+    """The grid (product of the axes, first axis slowest) followed by the explicit cells
+    (:func:`_deduplicate`d); without axes, the base config is the one grid cell unless there are
+    explicit cells. SweepError on an unknown group label, two groups that both set a config file,
+    or overrides of OUTPUT_DIR / SEED."""
     axis_names = list(spec.axes)
     # A named-group axis ranges over its labels, a key axis over its values.
     choices = [[(axis, value) for value in spec.axes[axis]] for axis in axis_names]
     # No axes: the grid is the base config alone, unless explicit cells say what to run.
     grid = itertools.product(*choices) if axis_names or not spec.cells else []
-    for entries in grid:
-        cells.append(_make_cell(spec, list(entries), config=None, name=None))
+    cells = [_make_cell(spec, list(entries), None, None, spec.path) for entries in grid]
     for index, explicit in enumerate(spec.cells):
         where = f"{spec.path}: cells[{index}]"
         entries = [(k, explicit[k]) for k in axis_names if k in explicit]
-        entries += [
-            (k, v)
-            for k, v in explicit.items()
-            if k not in axis_names and k not in _CELL_RESERVED_KEYS
-        ]
-        config = (
-            resolve_path(explicit["config"], spec.directory) if explicit.get("config") else None
-        )
+        reserved = axis_names + list(_CELL_RESERVED_KEYS)
+        entries += [(k, v) for k, v in explicit.items() if k not in reserved]
+        config = explicit.get("config") and resolve_path(explicit["config"], spec.directory)
         if config:
             entries.append(("config", Path(config).stem))
         # The cell's own opts name it too (unless it has a name), so different cells differ.
         entries += _pairs(explicit.get("opts"), where)
         cell = _make_cell(spec, entries, config, explicit.get("name"), where)
-        if "seeds" in explicit:
-            cell = dataclasses.replace(cell, seeds=tuple(explicit["seeds"]))
-        cells.append(cell)
+        seeds = tuple(explicit["seeds"]) if "seeds" in explicit else None
+        cells.append(dataclasses.replace(cell, seeds=seeds))
     return _deduplicate(cells)
 
 
@@ -379,13 +309,10 @@ def _make_cell(
     entries: List[Tuple[str, Any]],
     config: Optional[str],
     name: Optional[str],
-    where: Optional[str] = None,
+    where: str,
 ) -> Cell:
-    """A cell from [(axis, group label) or (KEY, value) or ("config", _)] in name order.
-
-    ``config`` is the explicit cell's own config file (its "config" entry stands for it).
-    """
-    where = where or spec.path
+    """A cell from [(axis, group label) or (KEY, value) or ("config", _)] in name order; the
+    "config" entry stands for ``config``, an explicit cell's own config file."""
     config_file = spec.base_config
     group_config_from = None
     overrides: List[Tuple[str, Any]] = list(spec.opts)
@@ -418,35 +345,25 @@ def _make_cell(
 
 
 def _deduplicate(cells: List[Cell]) -> List[Cell]:
-    """Drops exact repeats (an explicit cell equal to a grid cell); disambiguates name clashes."""
-    unique: List[Cell] = []
-    for cell in cells:
-        if cell not in unique:
-            unique.append(cell)
-    by_name: Dict[str, List[int]] = {}
+    """Drops exact repeats (an explicit cell equal to a grid cell); different cells whose names
+    read alike after sanitising get the hash of what each runs, to keep them stable and apart."""
+    unique = list(dict.fromkeys(cells))
+    names = collections.Counter(cell.name for cell in unique)
     for index, cell in enumerate(unique):
-        by_name.setdefault(cell.name, []).append(index)
-    for name, indices in by_name.items():
-        if len(indices) > 1:
-            # Two different cells whose values read alike after sanitising: the hash of what
-            # each runs keeps the names stable and apart.
-            for index in indices:
-                cell = unique[index]
-                suffix = _short_hash(cell.config_file, cell.overrides, cell.values)
-                unique[index] = dataclasses.replace(cell, name=f"{name}~{suffix}")
+        if names[cell.name] > 1:
+            suffix = _short_hash(cell.config_file, cell.overrides, cell.values)
+            unique[index] = dataclasses.replace(cell, name=f"{cell.name}~{suffix}")
     return unique
 
 
 def expand_runs(spec: SweepSpec) -> List[Run]:
-    """Every (cell, seed) run, in launch order: a cell's seeds in order, seed by seed across
-    the cells (each cell's first seed, then each cell's second, ...), so a sweep stopped part
-    way has every cell measured once before any is measured twice."""
-    cells = expand_cells(spec)
-    seeds_of = [list(cell.seeds) if cell.seeds is not None else list(spec.seeds) for cell in cells]
-    rounds = max(len(seeds) for seeds in seeds_of) if cells else 0
-    return [
-        Run(cell, seeds[index], os.path.join(spec.output_root, f"{cell.name}__seed={seeds[index]}"))
-        for index in range(rounds)
-        for cell, seeds in zip(cells, seeds_of)
-        if index < len(seeds)
+    """Every (cell, seed) run in launch order: seed by seed across the cells (each cell's first
+    seed, then each cell's second, ...), so a sweep stopped part way measured every cell once."""
+    per_cell = [
+        [
+            Run(cell, seed, os.path.join(spec.output_root, f"{cell.name}__seed={seed}"))
+            for seed in cell.seeds or spec.seeds
+        ]
+        for cell in expand_cells(spec)
     ]
+    return [run for runs in itertools.zip_longest(*per_cell) for run in runs if run is not None]

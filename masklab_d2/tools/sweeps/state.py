@@ -1,27 +1,21 @@
-"""What a run folder says about its run: done, interrupted, failed, stale, queued or running;
-and the one owner of its status file (``sweep_run.json``): every write goes through
-:func:`start_attempt`, :class:`Heartbeat`, :func:`finish_attempt`, :func:`record_failure` and
-:func:`mark_queued`.
-
-A run is **done** when its folder has ``model_final.pth`` and the final evaluation, and its
-status file (``sweep_run.json``) records the fingerprint of what it ran (the merged config's hash,
-the digest of the checkpoint it started from and the training code's digest,
-:mod:`masklab_d2.tools.sweeps.fingerprint`) equal to what the sweep would run now. A run whose
-recorded fingerprint differs, or that has none, is **stale**: it is reported and left alone unless
-``--rerun-stale``.
-"""
+"""What a run folder says about its run (docs/sweeps.md), and the one owner of its status file
+(``sweep_run.json``): every write is here, through :func:`write_status`."""
 
 import json
 import os
 import re
+import shlex
 import socket
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
 import yaml
 
 from masklab_d2.utils.stop_signals import EXIT_INTERRUPTED
+
+if TYPE_CHECKING:  # the annotation only: this module stays below the others
+    from masklab_d2.tools.sweeps.commands import RunTask
 
 # Run states.
 DONE, RUNNING, FAILED, INTERRUPTED, PENDING = "done", "running", "failed", "interrupted", "pending"
@@ -42,15 +36,6 @@ EVAL_KEY = re.compile(r"(^|/)(segm|bbox)/AP$")
 _SLURM_ALIVE = ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "READY")
 
 
-def read_json(path: str) -> Optional[Dict[str, Any]]:
-    """A JSON file's content, or None when missing or unreadable (e.g. half written)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def write_json_atomic(path: str, content: Dict[str, Any]) -> None:
     """Readers (another sweep, a report) never see a half-written file."""
     temporary = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
@@ -59,18 +44,27 @@ def write_json_atomic(path: str, content: Dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
+def _load(path: str, parse) -> Dict[str, Any]:
+    """A JSON or YAML file's content; {} when missing or unreadable (e.g. half written)."""
+    try:
+        with open(path) as f:
+            return parse(f) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+
+
 def read_status(output_dir: str) -> Dict[str, Any]:
-    return read_json(os.path.join(output_dir, STATUS_FILE)) or {}
+    return _load(os.path.join(output_dir, STATUS_FILE), json.load)
+
+
+def write_status(output_dir: str, status: Dict[str, Any]) -> None:
+    write_json_atomic(os.path.join(output_dir, STATUS_FILE), status)
 
 
 def read_metrics(output_dir: str) -> List[Dict[str, Any]]:
-    """A run's metrics.json (detectron2's JSONWriter: one JSON object a line), one record per
-    iteration.
-
-    A resumed run appends to the file and logs again the iterations after its checkpoint; those
-    replace the first segment's records from that iteration on. Records of one iteration (a
-    training line and an evaluation line) are merged.
-    """
+    """A run's metrics.json (one JSON object a line), one record per iteration (a training line
+    and an evaluation line merged). A resumed run appends to the file and logs again the iterations
+    after its checkpoint: those replace the first segment's records from that iteration on."""
     by_iteration: Dict[Any, Dict[str, Any]] = {}
     last = None
     try:
@@ -98,19 +92,12 @@ def evaluation_records(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]
 
 def run_config(output_dir: str) -> Dict[str, Any]:
     """The config train_net.py wrote into the run folder (empty when absent)."""
-    try:
-        with open(os.path.join(output_dir, "config.yaml")) as f:
-            return yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
+    return _load(os.path.join(output_dir, "config.yaml"), yaml.safe_load)
 
 
 def is_finished(output_dir: str) -> bool:
-    """model_final.pth exists and so does the final evaluation (when the config evaluates).
-
-    detectron2 writes model_final.pth before the final evaluation, so a run killed while
-    evaluating has the weights but not the numbers; ``--resume`` then only evaluates.
-    """
+    """model_final.pth exists and so does the final evaluation (when the config evaluates);
+    detectron2 writes the weights first, so a run killed while evaluating is resumed to evaluate."""
     if not os.path.exists(os.path.join(output_dir, "model_final.pth")):
         return False
     config = run_config(output_dir)
@@ -131,20 +118,14 @@ def is_finished(output_dir: str) -> bool:
 
 def has_checkpoint(output_dir: str) -> bool:
     """Something for ``--resume`` to load."""
-    return any(
-        os.path.exists(os.path.join(output_dir, f)) for f in ("last_checkpoint", "model_final.pth")
-    )
+    files = ("last_checkpoint", "model_final.pth")
+    return any(os.path.exists(os.path.join(output_dir, f)) for f in files)
 
 
 def stale_reason(output_dir: str, fingerprint: Optional[Dict[str, str]]) -> Optional[str]:
-    """Why the run in ``output_dir`` does not belong to ``fingerprint``, or None when it does.
-
-    Args:
-        output_dir: a folder holding a run (finished, interrupted or failed).
-        fingerprint: {"config": hash, "weights": digest, "code": digest, "commit": commit} of
-            what the sweep would run now
-            (:func:`~masklab_d2.tools.sweeps.fingerprint.run_fingerprint`); None skips the check.
-    """
+    """Why the run in ``output_dir`` does not belong to ``fingerprint`` (what the sweep would run
+    now, :func:`~masklab_d2.tools.sweeps.fingerprint.run_fingerprint`), or None when it does;
+    None skips the check."""
     if fingerprint is None:
         return None
     recorded = read_status(output_dir).get("fingerprint")
@@ -181,14 +162,9 @@ def run_state(
     fingerprint: Optional[Dict[str, str]] = None,
     check_queue: bool = True,
 ) -> str:
-    """One of :data:`STATES`, from the run folder (and Slurm for a queued run).
-
-    RUNNING: its status file has a fresh heartbeat; QUEUED: a Slurm job submitted for it is
-    queued or running, or Slurm cannot tell (a failing sacct must not make it look pending and
-    get it submitted twice). Both mean that someone else is on it. STALE: a run is there, but
-    not of ``fingerprint`` (see :func:`stale_reason`). ``check_queue=False`` forgets Slurm jobs
-    (``--forget-queued``: their jobs are known to be gone).
-    """
+    """One of :data:`STATES`, from the run folder (and Slurm for a queued run): QUEUED while its
+    Slurm job is queued or running or Slurm cannot tell (it must not be submitted twice), unless
+    not ``check_queue`` (``--forget-queued``); STALE when not of ``fingerprint``."""
     status = read_status(output_dir)
     now = time.time() if now is None else now
     if status.get("state") == RUNNING and now - float(status.get("heartbeat", 0)) < STALE_AFTER_S:
@@ -209,7 +185,7 @@ def run_state(
     return STALE if stale_reason(output_dir, fingerprint) else state
 
 
-def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> List[str]:
+def log_tail(path: str) -> List[str]:
     """The last lines of a (possibly large) log file."""
     try:
         with open(path, "rb") as f:
@@ -218,75 +194,81 @@ def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> List[str]:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return []
-    return text.splitlines()[-lines:]
+    return text.splitlines()[-LOG_TAIL_LINES:]
 
 
 def mark_queued(
     output_dir: str, job_id: str, submitted: Optional[float] = None, folder: Optional[str] = None
 ) -> None:
-    """Records a submitted Slurm job in the run's status file, so that a rerun of the sweep
-    while it waits in the queue does not submit the run again.
-
-    Args:
-        output_dir: the run folder.
-        job_id: the Slurm job (array task) id.
-        submitted: when it was submitted (now by default); a run started since then owns the
-            status file and keeps it.
-        folder: submitit's folder of the job (to re-attach to it).
-    """
+    """Records a submitted Slurm job (its id and submitit ``folder``) in the run's status file,
+    so that a rerun of the sweep while it waits in the queue does not submit the run again; a run
+    started since ``submitted`` (now by default) owns the status file and keeps it."""
     submitted = time.time() if submitted is None else submitted
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, STATUS_FILE)
-    status = read_json(path) or {}
+    status = read_status(output_dir)
     if float(status.get("started", 0)) >= submitted:
         return
     status.update(state=QUEUED, job_id=job_id, submitted=submitted, submitit_folder=folder)
-    _write_status(output_dir, status)
+    write_status(output_dir, status)
 
 
-def _write_status(output_dir: str, status: Dict[str, Any]) -> None:
-    write_json_atomic(os.path.join(output_dir, STATUS_FILE), status)
-
-
-def start_attempt(
-    output_dir: str,
-    name: str,
-    command: str,
-    resumed: bool,
-    fingerprint: Optional[Dict[str, str]],
-    job_id: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Writes the "running" status of an attempt (with the fingerprint it runs) and returns it."""
-    os.makedirs(output_dir, exist_ok=True)
-    previous = read_status(output_dir)
+def start_status(task: "RunTask", resume: bool, job_id: Optional[str] = None) -> Dict[str, Any]:
+    """Writes the "running" status of an attempt of ``task`` (with the fingerprint it runs) and
+    returns it."""
+    os.makedirs(task.output_dir, exist_ok=True)
+    previous = read_status(task.output_dir)
     started = time.time()
     status = {
-        "name": name,
+        "name": task.name,
         "state": RUNNING,
-        "command": command,
-        "resumed": resumed,
+        "command": shlex.join(task.command(resume)),
+        "resumed": resume,
         "attempt": int(previous.get("attempt", 0)) + 1,
         "started": started,
         "heartbeat": started,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "job_id": job_id,
-        "fingerprint": fingerprint,
+        "fingerprint": task.fingerprint,
         "previous_duration_s": float(previous.get("total_duration_s", 0.0)),
     }
-    _write_status(output_dir, status)
+    write_status(task.output_dir, status)
     return status
 
 
-def beat(output_dir: str, status: Dict[str, Any]) -> None:
-    """Refreshes a running attempt's heartbeat (a rerun of the sweep then sees it alive)."""
-    status["heartbeat"] = time.time()
-    _write_status(output_dir, status)
+def finish_status(
+    task: "RunTask", status: Dict[str, Any], returncode: int, stopped: bool = False
+) -> Dict[str, Any]:
+    """Records how an attempt of ``task`` ended: DONE (exit 0 with the final evaluation),
+    INTERRUPTED (a graceful stop, exit 75, a signal, or ``stopped`` by the sweep: resumable) or
+    FAILED, with its log's tail (sweep_run.log, else detectron2's log.txt for a submitit job)."""
+    ended = time.time()
+    if returncode == 0 and is_finished(task.output_dir):
+        state = DONE
+    elif returncode == EXIT_INTERRUPTED or returncode < 0 or stopped:
+        state = INTERRUPTED
+    else:
+        state = FAILED
+    log = os.path.join(task.output_dir, RUN_LOG_FILE)
+    log = log if os.path.exists(log) else os.path.join(task.output_dir, "log.txt")
+    status.update(
+        state=state,
+        returncode=returncode,
+        ended=ended,
+        duration_s=ended - status["started"],
+        total_duration_s=status.pop("previous_duration_s", 0.0) + ended - status["started"],
+        heartbeat=ended,
+        log_tail=log_tail(log),
+    )
+    if returncode == 0 and state == FAILED:
+        status["error"] = "exited 0 without model_final.pth and a final evaluation"
+    write_status(task.output_dir, status)
+    return status
 
 
 class Heartbeat:
-    """Refreshes the status file's heartbeat from a thread while the job trains in the main
-    one, so that a rerun of the sweep (and its progress) sees the run alive."""
+    """Refreshes the status file's heartbeat from a thread while the run trains, so that a rerun
+    of the sweep (and its progress) sees the run alive."""
 
     def __init__(self, output_dir: str, status: Dict[str, Any]):
         self.output_dir = output_dir
@@ -297,42 +279,12 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self.done.wait(HEARTBEAT_S):
-            _write_status(self.output_dir, dict(self.status, heartbeat=time.time()))
+            write_status(self.output_dir, dict(self.status, heartbeat=time.time()))
 
     def stop(self) -> None:
         """Stops it before the final status is written (which it must not overwrite)."""
         self.done.set()
         self.thread.join()
-
-
-def finish_attempt(
-    output_dir: str, status: Dict[str, Any], returncode: int, log_path: str, stopped: bool = False
-) -> Dict[str, Any]:
-    """Records how an attempt ended.
-
-    DONE: exit 0 with the final evaluation; INTERRUPTED: a graceful stop (exit 75), a death by
-    a signal, or a stop by the sweep (``stopped``): resumable, not broken; FAILED otherwise.
-    """
-    ended = time.time()
-    if returncode == 0 and is_finished(output_dir):
-        state = DONE
-    elif returncode == EXIT_INTERRUPTED or returncode < 0 or stopped:
-        state = INTERRUPTED
-    else:
-        state = FAILED
-    status.update(
-        state=state,
-        returncode=returncode,
-        ended=ended,
-        duration_s=ended - status["started"],
-        total_duration_s=status.pop("previous_duration_s", 0.0) + ended - status["started"],
-        heartbeat=ended,
-        log_tail=log_tail(log_path),
-    )
-    if returncode == 0 and state == FAILED:
-        status["error"] = "exited 0 without model_final.pth and a final evaluation"
-    _write_status(output_dir, status)
-    return status
 
 
 def record_failure(output_dir: str, name: str, error: BaseException) -> None:
@@ -353,4 +305,4 @@ def record_failure(output_dir: str, name: str, error: BaseException) -> None:
         heartbeat=now,
         log_tail=str(error).splitlines()[-LOG_TAIL_LINES:],
     )
-    _write_status(output_dir, status)
+    write_status(output_dir, status)

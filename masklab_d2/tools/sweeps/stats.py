@@ -1,22 +1,13 @@
-"""Paired comparisons against a baseline cell, and the one rule every verdict follows.
+"""Paired comparisons against a baseline cell, and the one rule every verdict follows
+(docs/sweeps.md, "Comparisons"): the mean paired difference over seeds, its 95% t interval,
+better / worse when the interval excludes 0, else a tie; one pair: no interval."""
 
-A sweep file's ``baseline`` names, per axis, the label (or value) that rows are compared with,
-e.g. ``baseline: {head: mask_rcnn}``. A cell's baseline is the cell with the cell's own values on
-the other axes and the baseline's on the named ones; an explicit cell's extra keys are not
-carried over, so a ``{head: masklab, TRAIN_ON_GT_BOXES: False}`` cell is compared with the grid's
-``head=mask_rcnn``. Its runs pair with the baseline's by seed (both finished): the sweep's runs
-share their detector (``MODEL.WEIGHTS``), or differ in it along an axis, which then pairs like any
-other axis. For each metric the differences d_i = cell - baseline over the n pairs give
-
-    mean paired difference, 95% interval mean ± t(0.975, n - 1) * sd / sqrt(n)
-
-and the verdict: **better** when the interval lies above 0, **worse** when below, else **tie**.
-With one pair there is no interval (the verdict says so); a reader needs a second seed.
-"""
-
+import csv
 import math
 import statistics
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
+
+from tabulate import tabulate
 
 from .state import DONE
 
@@ -37,14 +28,8 @@ def t_quantile_975(df: int) -> float:
 
 
 def paired_difference(differences: Sequence[float]) -> Dict[str, Any]:
-    """Mean, 95% t interval and verdict of paired differences (cell - baseline).
-
-    Args:
-        differences: one value per pair.
-
-    Returns:
-        {"n", "mean", "low", "high", "verdict"}; ``low`` / ``high`` None with one pair.
-    """
+    """{"n", "mean", "low", "high", "verdict"} of paired differences (cell - baseline), one per
+    pair; ``low`` / ``high`` None with one pair."""
     n = len(differences)
     if n == 0:
         raise ValueError("no pairs to compare")
@@ -57,51 +42,38 @@ def paired_difference(differences: Sequence[float]) -> Dict[str, Any]:
     return {"n": n, "mean": mean, "low": low, "high": high, "verdict": verdict}
 
 
-def baseline_of(
-    values: Dict[str, str], axis_columns: Sequence[str], baseline: Dict[str, str]
-) -> Optional[Dict[str, str]]:
-    """The values of a cell's baseline, or None when the cell is a baseline itself."""
-    wanted = {k: v for k, v in values.items() if k in axis_columns}
-    wanted.update(baseline)
-    return None if wanted == values else wanted
-
-
 def compare_cells(
     cells: Sequence[Dict[str, Any]],
     axis_columns: Sequence[str],
     baseline: Dict[str, str],
     metrics: Sequence[str],
 ) -> List[Dict[str, Any]]:
-    """Paired comparisons of every cell with its baseline (see the module docstring).
+    """Paired comparisons of every cell with its baseline, by seed.
 
     Args:
-        cells: :func:`~masklab_d2.tools.sweeps.report.summarize`'s cells (values, rows).
+        cells: :func:`~masklab_d2.tools.sweeps.report.summarize`'s cells.
         axis_columns: the table columns that are axes of the grid.
         baseline: {axis column: label} of the baseline.
         metrics: the metrics.json keys to compare (those a pair lacks are skipped).
 
     Returns:
-        One dict per (cell, metric) with pairs: cell, baseline, metric and
-        :func:`paired_difference`'s fields, in cell then metric order.
+        One dict per (cell, metric): cell, baseline, metric and :func:`paired_difference`'s fields.
     """
     by_values = {tuple(sorted(c["values"].items())): c for c in cells}
     comparisons = []
     for cell in cells:
-        wanted = baseline_of(cell["values"], axis_columns, baseline)
-        reference = by_values.get(tuple(sorted(wanted.items()))) if wanted else None
-        if reference is None:
+        # Its baseline: the baseline's values on the named axes, its own on the other axes (an
+        # explicit cell's extra keys are not carried over); a baseline cell has none.
+        wanted = {k: v for k, v in cell["values"].items() if k in axis_columns}
+        wanted.update(baseline)
+        reference = by_values.get(tuple(sorted(wanted.items())))
+        if reference is None or wanted == cell["values"]:
             continue
         for metric in metrics:
             pairs = _pairs_by_seed(cell["rows"], reference["rows"], metric)
             if pairs:
-                comparisons.append(
-                    {
-                        "cell": cell["cell"],
-                        "baseline": reference["cell"],
-                        "metric": metric,
-                        **paired_difference([a - b for a, b in pairs]),
-                    }
-                )
+                names = {"cell": cell["cell"], "baseline": reference["cell"], "metric": metric}
+                comparisons.append({**names, **paired_difference([a - b for a, b in pairs])})
     return comparisons
 
 
@@ -120,12 +92,6 @@ def _has(row: Dict[str, Any], metric: str) -> bool:
     return row["state"] == DONE and metric in row["metrics"]
 
 
-def _interval(row: Dict[str, Any]) -> str:
-    if row["low"] is None:
-        return ""
-    return f"[{row['low']:+.2f}, {row['high']:+.2f}]"
-
-
 PAIRED_PREAMBLE = (
     "Per metric, the mean over seeds of (cell - baseline) for runs of the same seed, its 95% t "
     "interval and the verdict: better / worse when the interval excludes 0, else a tie "
@@ -134,14 +100,8 @@ PAIRED_PREAMBLE = (
 
 
 def comparisons_table(comparisons: Sequence[Dict[str, Any]], headers: Dict[str, str]) -> str:
-    """The comparisons as a Markdown table (a sentence when there are none).
-
-    Args:
-        comparisons: :func:`compare_cells`'s rows.
-        headers: {metric key: column header} ("mask AP", ...).
-    """
-    from tabulate import tabulate
-
+    """The comparisons as a Markdown table (a sentence when there are none); ``headers``: {metric
+    key: column header}."""
     if not comparisons:
         return "No cell has a finished run paired with a finished baseline run yet."
     table = [
@@ -151,7 +111,7 @@ def comparisons_table(comparisons: Sequence[Dict[str, Any]], headers: Dict[str, 
             headers.get(row["metric"], row["metric"]),
             row["n"],
             f"{row['mean']:+.2f}",
-            _interval(row),
+            f"[{row['low']:+.2f}, {row['high']:+.2f}]" if row["low"] is not None else "",
             row["verdict"],
         ]
         for row in comparisons
@@ -170,16 +130,8 @@ def write_comparisons(
     comparisons: Sequence[Dict[str, Any]],
     headers: Dict[str, str],
 ) -> None:
-    """Writes the comparisons to ``csv_path`` and appends their table to ``markdown_path``.
-
-    Args:
-        csv_path: paired.csv (one row per cell and metric, full precision).
-        markdown_path: results.md, which gets a "Paired against the baseline" section.
-        comparisons: :func:`compare_cells`'s rows.
-        headers: {metric key: column header} for the Markdown table ("mask AP", ...).
-    """
-    import csv
-
+    """Writes the comparisons to ``csv_path`` (paired.csv, full precision) and appends their table
+    to ``markdown_path`` (results.md) as a "Paired against the baseline" section."""
     fields = ["cell", "baseline", "metric", "n", "mean", "low", "high", "verdict"]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

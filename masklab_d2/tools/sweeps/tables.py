@@ -1,19 +1,7 @@
 """README tables generated from a sweep's committed results.csv, so that they cannot drift.
 
-A README marks where a table goes; the block between the markers is the tool's::
-
-    <!-- sweep-table: results.csv sweep.yaml -->
-    (generated)
-    <!-- /sweep-table -->
-
-(paths relative to the README). The block is the report's table for the CSV's runs, computed from
-the CSV alone (no run folders: a committed result is reproducible anywhere), and, when the sweep
-file has a ``baseline``, its paired comparisons (:mod:`masklab_d2.tools.sweeps.stats`)::
-
-    python3 -m masklab_d2.tools.sweeps.tables projects/*/README.md           # rewrite the blocks
-    python3 -m masklab_d2.tools.sweeps.tables --check projects/*/README.md   # 1 when one differs
-
-The means come from the CSV's values (3 decimals), as a reader recomputing them would.
+The block between a README's ``<!-- sweep-table: results.csv sweep.yaml -->`` and
+``<!-- /sweep-table -->`` is filled from the CSV alone (docs/sweeps.md).
 """
 
 import argparse
@@ -23,46 +11,42 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from masklab_d2.tools.sweeps.report import HEADERS, markdown_table, summarize, table_keys
-from masklab_d2.tools.sweeps.spec import column_name, load_sweep
-from masklab_d2.tools.sweeps.stats import PAIRED_PREAMBLE, compare_cells, comparisons_table
+from masklab_d2.tools.sweeps.report import HEADERS, comparisons, markdown_table, summarize
+from masklab_d2.tools.sweeps.spec import load_sweep
+from masklab_d2.tools.sweeps.stats import PAIRED_PREAMBLE, comparisons_table
 
 BLOCK = re.compile(
     r"(?P<open><!-- sweep-table: (?P<csv>\S+) (?P<sweep>\S+) -->\n)(?P<body>.*?)"
     r"(?P<close><!-- /sweep-table -->)",
     flags=re.S,
 )
-_FIXED = ("run", "cell", "seed", "state", "iteration", "train_time_s", "wall_time_s")
 
 
 def rows_from_csv(path: str) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """results.csv's runs as the report's rows (see report.collect; no curves), and its axis
+    """results.csv's runs as the report's rows (see report.collect, without curves), and its axis
     columns."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        if header[:4] != list(_FIXED[:4]) or "iteration" not in header:
+        if header[:4] != ["run", "cell", "seed", "state"] or "iteration" not in header:
             raise ValueError(f"{path}: not a sweep report's results.csv (header {header[:6]})")
         columns = header[4 : header.index("iteration")]
-        rows = []
-        for record in reader:
-            rows.append(
-                {
-                    "run": record["run"],
-                    "cell": record["cell"],
-                    "seed": int(record["seed"]),
-                    "state": record["state"],
-                    "values": {c: record[c] for c in columns if record[c] != ""},
-                    "iteration": _number(record["iteration"], int),
-                    "train_time_s": _number(record["train_time_s"], float),
-                    "wall_time_s": _number(record["wall_time_s"], float),
-                    "metrics": {
-                        k: float(v) for k, v in record.items() if "/" in k and v not in ("", None)
-                    },
-                    "curve": [],
-                    "boundary_curve": [],
-                }
-            )
+        rows = [
+            {
+                "run": record["run"],
+                "cell": record["cell"],
+                "seed": int(record["seed"]),
+                "state": record["state"],
+                "values": {c: record[c] for c in columns if record[c] != ""},
+                "iteration": _number(record["iteration"], int),
+                "train_time_s": _number(record["train_time_s"], float),
+                "wall_time_s": _number(record["wall_time_s"], float),
+                "metrics": {
+                    k: float(v) for k, v in record.items() if "/" in k and v not in ("", None)
+                },
+            }
+            for record in reader
+        ]
     return rows, columns
 
 
@@ -77,10 +61,8 @@ def render(csv_path: str, sweep_path: str) -> str:
     cells = summarize(rows)
     text = markdown_table(spec, cells, columns) + "\n"
     if spec.baseline:
-        axis_columns = [column_name(axis) for axis in spec.axes]
-        metrics = table_keys(spec.table)[0]
-        comparisons = compare_cells(cells, axis_columns, spec.baseline, metrics)
-        text += f"\n{PAIRED_PREAMBLE}\n\n{comparisons_table(comparisons, HEADERS)}\n"
+        table = comparisons_table(comparisons(spec, cells), HEADERS)
+        text += f"\n{PAIRED_PREAMBLE}\n\n{table}\n"
     return text
 
 
@@ -91,10 +73,8 @@ def update(readme: str, check: bool = False) -> bool:
     folder = os.path.dirname(os.path.abspath(readme))
 
     def fill(match: "re.Match") -> str:
-        body = render(
-            os.path.join(folder, match.group("csv")), os.path.join(folder, match.group("sweep"))
-        )
-        return match.group("open") + body + match.group("close")
+        csv_path, sweep_path = (os.path.join(folder, match.group(g)) for g in ("csv", "sweep"))
+        return match.group("open") + render(csv_path, sweep_path) + match.group("close")
 
     new = BLOCK.sub(fill, text)
     if new != text and not check:
