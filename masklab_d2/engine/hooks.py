@@ -26,8 +26,8 @@ def precise_bn_hook(
 
     Args:
         model: the model whose BN statistics are recomputed.
-        build_loader: makes the training batches' loader; called only when a hook is made (a
-            second training loader, as DefaultTrainer's, without workers).
+        build_loader: makes the loader of training batches; called only when a hook is made
+            (training passes a second training loader without workers, as DefaultTrainer).
         num_iter: batches per recomputation.
         period: recompute every ``period`` iterations (before each evaluation) and at the end;
             0: only at the end, or when ``update_stats()`` is called.

@@ -109,8 +109,8 @@ def _config_texts(config_file: str, depth: int = 0) -> List[str]:
     return texts
 
 
-# Paths (relative to the repository) whose contents decide what a run computes, but the tools
-# that launch, resume and report runs (they never run inside one).
+# Paths (relative to the repository) whose contents decide what a run computes, except the
+# tools that launch, resume and report runs (they never run inside one).
 TRAINING_CODE = ("masklab_d2", "csrc", "train_net.py", "setup.py")
 TRAINING_CODE_EXCLUDED = "masklab_d2/tools/"
 
