@@ -297,3 +297,10 @@ def add_masklab_config(cfg: CN) -> None:
     _C.MODEL.MASKLAB.SEMANTIC_LOSS_WEIGHT = default_of(MaskLabHead, "semantic_loss_weight")
     # Weight of the auxiliary per-pixel direction loss on the dense logits (0 = off).
     _C.MODEL.MASKLAB.DIRECTION_LOSS_WEIGHT = default_of(MaskLabHead, "direction_loss_weight")
+
+    # ---- HypercolumnMaskRCNNHead: the 4-conv head + MaskLab's refinement (MODEL.MASKLAB) ----
+    _C.MODEL.HYPERCOLUMN_MASK_HEAD = CN()
+    # Maps its 4-conv head pools (the mask branch gets all maps raw: ROI_MASK_HEAD.POOLER_TYPE "").
+    _C.MODEL.HYPERCOLUMN_MASK_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # Pooler of those maps, at ROI_MASK_HEAD.POOLER_RESOLUTION.
+    _C.MODEL.HYPERCOLUMN_MASK_HEAD.POOLER_TYPE = "CropAndResize"

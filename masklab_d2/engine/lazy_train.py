@@ -20,7 +20,7 @@ import weakref
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers
+from detectron2.engine import default_setup, default_writers
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -32,6 +32,7 @@ from masklab_d2.data import register_coco_datasets
 from masklab_d2.modeling import MaskLabCheckpointer
 from masklab_d2.modeling.optim import module_lr_factors
 
+from .cpu_autocast import build_step_trainer
 from .graceful_stop import evaluation_ends_on_signals, spare_loader_workers
 from .hooks import training_hooks
 
@@ -122,12 +123,8 @@ def do_train(args, cfg) -> None:
     # Its workers survive a stop signal sent to every process of the run (graceful stops).
     train_loader = spare_loader_workers(instantiate(cfg.dataloader.train))
     model = create_ddp_model(model, **cfg.train.ddp)
-    amp = cfg.train.amp.enabled
-    if amp and cfg.train.device == "cpu":
-        # detectron2's AMPTrainer needs CUDA; the LSJ / ViTDet recipes enable it.
-        logger.warning("train.amp.enabled ignored: mixed precision needs a GPU")
-        amp = False
-    trainer = (AMPTrainer if amp else SimpleTrainer)(model, train_loader, optimizer)
+    # float16 AMPTrainer on a GPU, bfloat16 on a CPU (masklab_d2.engine.cpu_autocast).
+    trainer = build_step_trainer(model, train_loader, optimizer, bool(cfg.train.amp.enabled))
     # MaskLabCheckpointer: also initialises duplicated pretrained blocks (see its docstring).
     # The trainer by weak proxy, as DefaultTrainer does: a strong one closes a reference cycle
     # (trainer -> hooks -> checkpointer -> trainer) that keeps the trainer, and its loader's

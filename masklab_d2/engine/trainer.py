@@ -38,6 +38,7 @@ from ..evaluation import PartialCOCOEvaluator
 from ..modeling import MaskLabCheckpointer, freeze_detector, load_detector_weights
 from ..modeling.optim import module_lr_factors
 from ..utils.config_files import is_lazy_config
+from .cpu_autocast import build_step_trainer
 from .graceful_stop import evaluation_ends_on_signals, launch, spare_loader_workers
 from .hooks import training_hooks
 from .lazy_train import main as lazy_main
@@ -46,7 +47,14 @@ logger = logging.getLogger("masklab_d2")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with masklab_d2's mapper, evaluator, optimizer choice and freezing."""
+    """DefaultTrainer with masklab_d2's mapper, evaluator, optimizer choice and freezing, and
+    ``SOLVER.AMP.ENABLED`` on a CPU too (bfloat16, :mod:`masklab_d2.engine.cpu_autocast`)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:  # DefaultTrainer's AMPTrainer fails on a CPU
+            step = self._trainer
+            self._trainer = build_step_trainer(step.model, step.data_loader, step.optimizer, True)
 
     @classmethod
     def build_model(cls, cfg):

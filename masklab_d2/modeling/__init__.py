@@ -11,6 +11,7 @@ from . import backbone as _backbone  # noqa: E402,F401  (registration)
 from . import blendmask_head as _blendmask_head  # noqa: E402,F401  (registration)
 from . import box_heads as _box_heads  # noqa: E402,F401  (registration)
 from . import deep_marc_head as _deep_marc_head  # noqa: E402,F401  (registration)
+from . import hypercolumn_head as _hypercolumn_head  # noqa: E402,F401  (registration)
 from . import masklab_head as _masklab_head  # noqa: E402,F401  (registration)
 from . import point_rend_head as _point_rend_head  # noqa: E402,F401  (registration)
 from .checkpoint import MaskLabCheckpointer  # noqa: E402

@@ -29,6 +29,7 @@ edit the comments above the keys there, not this file. -->
 `masklab_d2.config.add_masklab_config(cfg)` adds these keys (call it before `merge_from_file`;
 `train_net.py` does). Besides them, masklab_d2 registers: the ROI heads `PartialROIHeads`; the
 mask heads `MaskLabHead`, `HourglassMaskHead`, `ResNetMaskHead`, `BlendMaskHead`,
+`HypercolumnMaskRCNNHead` (a control: the 4-conv head with MaskLab's refinement),
 `PartialPointRendMaskHead` (where detectron2.projects.point_rend imports); the box head
 `Res5BoxHead`; the backbones `build_masklab_resnet_backbone` and
 `build_masklab_resnet_fpn_backbone`; the pooler types `"CropAndResize"` and

@@ -40,6 +40,12 @@ HEADS = {
         {"semantic_logits", "direction_logits", "semantic_crop", "pooled_direction", "coarse"}
         | {"refined"},
     ),
+    "shapes/mask_rcnn_hypercolumn_R_18_FPN.yaml": (False, False, {"coarse", "refined"}),
+    "shapes-partial/mask_rcnn_hypercolumn_R_18_FPN_gtcrop.yaml": (
+        True,
+        False,
+        {"coarse", "refined"},
+    ),
     "shapes/blendmask_R_18_FPN.yaml": (True, True, {"bases", "attentions"}),
     "shapes-partial/deep_marc_R_18_FPN_hourglass52_gtcrop.yaml": (True, False, set()),
     "shapes/deep_marc_R_18_FPN_hourglass52.yaml": (True, False, set()),
@@ -54,6 +60,8 @@ def _masks_per_class(head) -> int:
         return head.dense_branch.semantic.out_channels - 1
     if isinstance(head, BlendMaskHead):
         return 1  # the blender makes one mask per box
+    if hasattr(head, "conv_head"):  # the 4-conv head + hypercolumn refinement: its 4-conv's
+        return head.conv_head.predictor.out_channels
     if hasattr(head, "point_head"):
         return head.point_head.predictor.out_channels
     return head.predictor.out_channels
