@@ -128,6 +128,24 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return values[0], 0.0
 
 
+def pool_replicates(
+    rows: Sequence[Dict[str, Any]], columns: Sequence[str], pair_over: Sequence[str]
+) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Rows and table columns with the ``pair_over`` axes (a sweep's replicate axes) folded into
+    the seed: a row's cell loses their values (and its name their ``column=value`` parts), its
+    "seed" becomes (their values..., seed), the pairing key of :mod:`.stats`."""
+    if not pair_over:
+        return list(rows), list(columns)
+    pooled = []
+    for row in rows:
+        replicate = tuple(row["values"].get(c, "") for c in pair_over)
+        dropped = {f"{c}={v}" for c, v in zip(pair_over, replicate)}
+        cell = "__".join(p for p in row["cell"].split("__") if p not in dropped)
+        values = {k: v for k, v in row["values"].items() if k not in pair_over}
+        pooled.append({**row, "cell": cell, "values": values, "seed": (*replicate, row["seed"])})
+    return pooled, [c for c in columns if c not in pair_over]
+
+
 def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per cell (in sweep order): its values, seeds, states and {metric: (mean, std, n)} over
     the finished runs."""
@@ -377,7 +395,7 @@ def plot_curves(cells: Sequence[Dict[str, Any]]) -> Optional[Figure]:
 
 def comparisons(spec: SweepSpec, cells: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The paired comparisons of :func:`summarize`'s cells with the sweep's ``baseline``."""
-    axis_columns = [column_name(axis) for axis in spec.axes]
+    axis_columns = [c for c in map(column_name, spec.axes) if c not in spec.pair_over]
     return compare_cells(cells, axis_columns, spec.baseline, table_keys(spec.table)[0])
 
 
@@ -390,13 +408,14 @@ def write_report(
     os.makedirs(output_dir, exist_ok=True)
     rows = collect(runs, fingerprints_of(runs))
     columns = list(dict.fromkeys(column for run in runs for column, _ in run.cell.values))
-    cells = summarize(rows)
+    pooled, pooled_columns = pool_replicates(rows, columns, spec.pair_over)
+    cells = summarize(pooled)
     paths = {
         "csv": os.path.join(output_dir, "results.csv"),
         "markdown": os.path.join(output_dir, "results.md"),
     }
     write_csv(paths["csv"], rows, columns)
-    write_markdown(paths["markdown"], spec, cells, columns)
+    write_markdown(paths["markdown"], spec, cells, pooled_columns)
     if spec.baseline:
         paths["paired"] = os.path.join(output_dir, "paired.csv")
         write_comparisons(paths["paired"], paths["markdown"], comparisons(spec, cells), HEADERS)

@@ -76,6 +76,7 @@ class SweepSpec:
     python: str = sys.executable
     table: List[str] = dataclasses.field(default_factory=list)
     baseline: Dict[str, str] = dataclasses.field(default_factory=dict)
+    pair_over: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def directory(self) -> str:
@@ -176,7 +177,22 @@ def load_sweep(path: str, output_root: Optional[str] = None) -> SweepSpec:
         python=str(raw.get("python") or sys.executable),
         table=_table_metrics(raw.get("table"), path),
         baseline=_baseline(raw.get("baseline"), axes, path),
+        pair_over=_pair_over(raw.get("pair_over"), axes, raw.get("baseline") or {}, path),
     )
+
+
+def _pair_over(pair_over: Any, axes: Dict[str, Any], baseline: Any, where: str) -> List[str]:
+    """``pair_over``: axes whose values replicate a cell as seeds do (e.g. the frozen detector),
+    as table columns; the report pools their runs into one cell and pairs by (value, seed)."""
+    pair_over = pair_over or []
+    if not isinstance(pair_over, list):
+        raise SweepError(f"{where}: 'pair_over' must be a list of axes, e.g. [detector]")
+    for axis in pair_over:
+        if axis not in axes:
+            raise SweepError(f"{where}: pair_over axis {axis!r} is not an axis ({list(axes)})")
+        if isinstance(baseline, dict) and axis in baseline:
+            raise SweepError(f"{where}: axis {axis!r} cannot be both baseline and pair_over")
+    return [column_name(axis) for axis in pair_over]
 
 
 def _baseline(baseline: Any, axes: Dict[str, Any], where: str) -> Dict[str, str]:

@@ -93,7 +93,8 @@ def _has(row: Dict[str, Any], metric: str) -> bool:
 
 
 PAIRED_PREAMBLE = (
-    "Per metric, the mean over seeds of (cell - baseline) for runs of the same seed, its 95% t "
+    "Per metric, the mean over pairs of (cell - baseline), a pair being runs of the same seed "
+    "(and of the same value of the sweep's pair_over axes, e.g. the detector), its 95% t "
     "interval and the verdict: better / worse when the interval excludes 0, else a tie "
     "(masklab_d2/tools/sweeps/stats.py)."
 )

@@ -11,7 +11,13 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from masklab_d2.tools.sweeps.report import HEADERS, comparisons, markdown_table, summarize
+from masklab_d2.tools.sweeps.report import (
+    HEADERS,
+    comparisons,
+    markdown_table,
+    pool_replicates,
+    summarize,
+)
 from masklab_d2.tools.sweeps.spec import load_sweep
 from masklab_d2.tools.sweeps.stats import PAIRED_PREAMBLE, comparisons_table
 
@@ -57,7 +63,7 @@ def _number(text: Optional[str], kind):
 def render(csv_path: str, sweep_path: str) -> str:
     """The block's text: the results table and, with a ``baseline``, the paired comparisons."""
     spec = load_sweep(sweep_path)
-    rows, columns = rows_from_csv(csv_path)
+    rows, columns = pool_replicates(*rows_from_csv(csv_path), spec.pair_over)
     cells = summarize(rows)
     text = markdown_table(spec, cells, columns) + "\n"
     if spec.baseline:
