@@ -13,7 +13,7 @@ from masklab_d2.tools.sweeps import tables
 README_BLOCKS = [
     path
     for path in sorted(glob.glob(os.path.join(REPO, "projects", "**", "*.md"), recursive=True))
-    if "<!-- sweep-table:" in open(path).read()
+    if "<!-- sweep-table:" in open(path).read() or "<!-- csv-table:" in open(path).read()
 ]
 
 
@@ -77,3 +77,25 @@ def test_a_runs_curve_as_csv(tmp_path):
     assert rows[1]["boundary/unseen/AP"] == "6.000" and rows[0]["segm/unseen/AP"] == ""
     with pytest.raises(SystemExit, match="no evaluation"):
         curve_csv.main([str(tmp_path), str(tmp_path / "none.csv")])
+
+
+def test_a_csv_table_block_is_the_csvs_named_columns(tmp_path):
+    (tmp_path / "curve.csv").write_text(
+        "iteration,bbox/AP,segm/AP,segm/unseen/AP\n899,11.754,9.542,6.184\n1799,26.999,23.777,\n"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "Curve:\n\n<!-- csv-table: curve.csv iteration segm/AP bbox/AP -->\nold\n"
+        "<!-- /csv-table -->\nProse.\n"
+    )
+    assert not tables.update(str(readme), check=True)
+    assert tables.update(str(readme)) is False and tables.update(str(readme), check=True)
+    text = readme.read_text()
+    assert "| iteration | mask AP | box AP |" in text
+    assert "| 899 | 9.5 | 11.8 |" in text and "| 1799 | 23.8 | 27.0 |" in text
+    assert "Prose." in text and "old" not in text
+    (tmp_path / "curve.csv").write_text("iteration,bbox/AP,segm/AP\n899,11.754,9.6\n")
+    assert not tables.update(str(readme), check=True)
+    readme.write_text(text.replace("iteration segm/AP", "iteration segm/AP75"))
+    with pytest.raises(ValueError, match="no column"):
+        tables.update(str(readme))

@@ -1,7 +1,10 @@
-"""README tables generated from a sweep's committed results.csv, so that they cannot drift.
+"""README tables generated from committed CSVs, so that they cannot drift.
 
 The block between a README's ``<!-- sweep-table: results.csv sweep.yaml -->`` and
-``<!-- /sweep-table -->`` is filled from the CSV alone (docs/sweeps.md).
+``<!-- /sweep-table -->`` is filled from a sweep's results.csv alone; the block between
+``<!-- csv-table: curve.csv [COLUMN ...] -->`` and ``<!-- /csv-table -->`` is a CSV's rows
+(e.g. a detector's curve from :mod:`masklab_d2.tools.curve_csv`), its named columns in that order,
+numbers to one decimal (docs/sweeps.md).
 """
 
 import argparse
@@ -26,6 +29,35 @@ BLOCK = re.compile(
     r"(?P<close><!-- /sweep-table -->)",
     flags=re.S,
 )
+
+
+CSV_BLOCK = re.compile(
+    r"(?P<open><!-- csv-table: (?P<csv>\S+)(?P<columns>(?: \S+)*) -->\n)(?P<body>.*?)"
+    r"(?P<close><!-- /csv-table -->)",
+    flags=re.S,
+)
+
+
+def render_csv(csv_path: str, columns: Sequence[str] = ()) -> str:
+    """A CSV as a Markdown table: ``columns`` (default: all) in that order, with the report's
+    headers ("mask AP" for segm/AP); numbers to one decimal, other text as it is."""
+    with open(csv_path, newline="") as f:
+        records = list(csv.DictReader(f))
+    columns = list(columns) or list(records[0] if records else [])
+    missing = [c for c in columns if records and c not in records[0]]
+    if missing:
+        raise ValueError(f"{csv_path} has no column {missing}")
+
+    def cell(text: str) -> str:
+        try:
+            return f"{float(text):.1f}" if "." in text else text
+        except ValueError:
+            return text
+
+    header = [HEADERS.get(c, c) for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in records]
+    return "\n".join(lines) + "\n"
 
 
 def rows_from_csv(path: str) -> Tuple[List[Dict[str, Any]], List[str]]:
@@ -82,7 +114,15 @@ def update(readme: str, check: bool = False) -> bool:
         csv_path, sweep_path = (os.path.join(folder, match.group(g)) for g in ("csv", "sweep"))
         return match.group("open") + render(csv_path, sweep_path) + match.group("close")
 
-    new = BLOCK.sub(fill, text)
+    def fill_csv(match: "re.Match") -> str:
+        csv_path = os.path.join(folder, match.group("csv"))
+        return (
+            match.group("open")
+            + render_csv(csv_path, match.group("columns").split())
+            + (match.group("close"))
+        )
+
+    new = CSV_BLOCK.sub(fill_csv, BLOCK.sub(fill, text))
     if new != text and not check:
         with open(readme, "w") as f:
             f.write(new)
