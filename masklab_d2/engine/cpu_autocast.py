@@ -2,8 +2,9 @@
 
 detectron2's ``AMPTrainer`` (``SOLVER.AMP.ENABLED``, ``train.amp.enabled``) runs float16 autocast
 and needs CUDA. On a CPU the same switch here runs the training forward under
-``torch.autocast("cpu", dtype=torch.bfloat16)``: on CPUs with bfloat16 matrix units (AMX,
-AVX512-BF16) convolutions and matmuls take about half the time; the losses, the backward's
+``torch.autocast("cpu", dtype=torch.bfloat16)``, with the weights in channels-last layout: on
+CPUs with bfloat16 matrix units (AMX, AVX512-BF16) a shapes training step then takes about half
+the time (channels-last alone: 0.9x, bfloat16 alone: 0.67x); the losses, the backward's
 accumulation and the optimizer stay in float32 (the weights never leave float32), and bfloat16's
 float32 exponent range needs no loss scaling. Evaluation forwards (the model in eval mode) stay in
 float32, as detectron2's AMP leaves them. On a CPU without native bfloat16 the emulation is slower
@@ -63,8 +64,15 @@ def build_step_trainer(model: nn.Module, data_loader, optimizer, amp: bool) -> S
     if next(model.parameters()).device.type != "cpu":
         return AMPTrainer(model, data_loader, optimizer)
     if cpu_has_bfloat16():
-        logger.info("Mixed precision on the CPU: the training forward runs in bfloat16")
-        autocast_training_forward(getattr(model, "module", model))
+        logger.info(
+            "Mixed precision on the CPU: the training forward runs in bfloat16, the weights in "
+            "channels-last layout"
+        )
+        module = getattr(model, "module", model)
+        # In place (the optimizer keeps its parameters); oneDNN's bfloat16 convolutions are
+        # fastest on channels-last maps, which channels-last weights make throughout.
+        module.to(memory_format=torch.channels_last)
+        autocast_training_forward(module)
     else:
         logger.warning(
             "Mixed precision ignored: this CPU has no native bfloat16 (AVX512-BF16 or AMX), on "

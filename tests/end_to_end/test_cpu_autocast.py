@@ -68,6 +68,9 @@ def test_the_step_trainer_per_device_and_switch():
     assert type(trainer) is SimpleTrainer and not isinstance(trainer, AMPTrainer)
     expected = torch.bfloat16 if cpu_has_bfloat16() else torch.float32
     assert model(torch.rand(1, 3, 8, 8))[1] == expected
+    channels_last = model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last is cpu_has_bfloat16()
+    assert optimizer.param_groups[0]["params"][0] is model.conv.weight  # changed in place
 
 
 def test_yaml_training_with_amp_on_a_cpu(tmp_path):
