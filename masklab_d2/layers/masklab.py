@@ -248,6 +248,27 @@ class CoarseMaskFusion(nn.Module):
         return self.conv(torch.cat(inputs, dim=1))
 
 
+def hypercolumn_crops(
+    maps: Sequence[torch.Tensor], strides: Sequence[int], rois: torch.Tensor, size: int
+) -> torch.Tensor:
+    """The refinement's input: every map cropped at the boxes' S x S bin centres, concatenated.
+
+    Args:
+        maps: [N, C_i, H_i, W_i] feature maps (e.g. conv1, res2) with their ``strides``.
+        rois: [K, 5] (batch index, x1, y1, x2, y2) from
+            :func:`~masklab_d2.layers.crop_and_resize.lattice_rois` for ``size``.
+        size: S.
+
+    Returns:
+        [K, sum C_i, S, S].
+    """
+    crops = [
+        crop_and_resize(m, rois, 1.0 / stride, size, aligned=True)
+        for m, stride in zip(maps, strides)
+    ]
+    return torch.cat(crops, dim=1)
+
+
 class HypercolumnRefinement(nn.Module):
     """[coarse logits, hypercolumn crops] -> convs -> refined mask logits (paper's Fig. 4).
 

@@ -35,8 +35,8 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from masklab_d2.layers.crop_and_resize import crop_and_resize, lattice_rois
-from masklab_d2.layers.masklab import HypercolumnRefinement
+from masklab_d2.layers.crop_and_resize import lattice_rois
+from masklab_d2.layers.masklab import HypercolumnRefinement, hypercolumn_crops
 
 from .contract import MaskHeadContract
 from .poolers import build_roi_pooler
@@ -157,12 +157,11 @@ class HypercolumnMaskRCNNHead(MaskHeadContract, nn.Module):
             [torch.full((len(b),), i, device=coarse.device) for i, b in enumerate(box_tensors)]
         )
         rois = lattice_rois(cat(box_tensors), batch_index, self.crop_size)
-        hypercolumn = cat(
-            [
-                crop_and_resize(features[f], rois, 1.0 / stride, self.crop_size, aligned=True)
-                for f, stride in zip(self.hypercolumn_features, self.hypercolumn_strides)
-            ],
-            dim=1,
+        hypercolumn = hypercolumn_crops(
+            [features[f] for f in self.hypercolumn_features],
+            self.hypercolumn_strides,
+            rois,
+            self.crop_size,
         )
         refined = self.refinement(resized, hypercolumn)
         self.remember(coarse=resized, refined=refined)

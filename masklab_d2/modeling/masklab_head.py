@@ -41,6 +41,7 @@ from masklab_d2.layers.masklab import (
     crop_semantic_channels,
     dense_targets,
     direction_pool,
+    hypercolumn_crops,
     select_semantic_classes,
 )
 
@@ -256,12 +257,11 @@ class MaskLabHead(MaskHeadContract, nn.Module):
         coarse = self.fusion(semantic_crop, pooled_direction)
         refined = None
         if self.refinement is not None:
-            hypercolumn = cat(
-                [
-                    crop_and_resize(features[f], rois, 1.0 / stride, self.crop_size, aligned=True)
-                    for f, stride in zip(self.hypercolumn_features, self.hypercolumn_strides)
-                ],
-                dim=1,
+            hypercolumn = hypercolumn_crops(
+                [features[f] for f in self.hypercolumn_features],
+                self.hypercolumn_strides,
+                rois,
+                self.crop_size,
             )
             refined = self.refinement(coarse, hypercolumn)
         masks = refined if refined is not None else coarse
